@@ -1,0 +1,316 @@
+//! The build agent: registers itself, heartbeats, takes commands only on its own work subject,
+//! runs each step as `/bin/sh -c <run>` in its own process group, streams output lines as log
+//! chunks and reports how the step ended.
+//!
+//! **Architecture Invariant:** the agent is the authority on its own occupancy. It runs steps
+//! of at most one build at a time and refuses (`Busy`) a step of any other build, so the
+//! one-build-per-agent rule holds however many engines send it work.
+
+mod benchmark;
+mod registry;
+mod step;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bus_schema::{subjects, AgentCommand, AgentReply};
+use futures::StreamExt;
+use services::config::AgentConfig;
+use services::Bus;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use benchmark::measure_benchmark;
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("agent name {0:?} cannot be used: use letters, digits, `-` and `_` only")]
+    BadName(String),
+    #[error("cannot prepare the agent directory {path}: {source}")]
+    Workdir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bus(#[from] services::bus::Error),
+}
+
+/// Everything one agent needs, resolved from configuration and flags.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Root of the agent's files; each deployment gets `<workdir>/<instance id>/`.
+    pub workdir: PathBuf,
+    pub instance: String,
+    /// Fixed speed score; measured at start when `None`.
+    pub benchmark: Option<u64>,
+    pub heartbeat: Duration,
+}
+
+impl Settings {
+    /// Resolves agent settings from the `[agent]` section, defaulting the name to the host name.
+    pub fn from_config(agent: &AgentConfig, instance: &str) -> Settings {
+        Settings {
+            name: agent.name.clone().unwrap_or_else(host_name),
+            labels: agent.labels.clone(),
+            workdir: agent
+                .workdir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("yard-agent")),
+            instance: instance.to_owned(),
+            benchmark: agent.benchmark,
+            heartbeat: agent.heartbeat,
+        }
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| {
+            name.trim()
+                .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+        })
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "agent".into())
+}
+
+/// What the agent is doing, guarded by one lock: the build it serves and its running steps.
+#[derive(Default)]
+struct Occupancy {
+    build_id: Option<String>,
+    /// Running steps by (build id, attempt, step index).
+    running: HashMap<(String, u32, u32), CancellationToken>,
+    /// Steps (attempt, index) of the current build that already ran, so that a repeated
+    /// command (an engine adopting the build) does not run a step twice.
+    finished: HashSet<(u32, u32)>,
+}
+
+/// State shared by the command loop, the step tasks and the registry task.
+struct Agent {
+    settings: Settings,
+    session: String,
+    benchmark: u64,
+    bus: Bus,
+    occupancy: Mutex<Occupancy>,
+    /// Wakes the registry task to publish a changed occupancy at once.
+    occupancy_changed: tokio::sync::Notify,
+}
+
+impl Agent {
+    fn busy_with(&self) -> Option<String> {
+        self.lock().build_id.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Occupancy> {
+        // A panic while holding the lock cannot leave Occupancy half-updated in a way that
+        // matters more than stopping the agent would, so recover the guard.
+        self.occupancy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn instance_dir(&self) -> PathBuf {
+        self.settings.workdir.join(&self.settings.instance)
+    }
+
+    fn workspace(&self, build_id: &str) -> PathBuf {
+        self.instance_dir().join("builds").join(build_id)
+    }
+
+    fn handle(self: &Arc<Self>, command: AgentCommand, steps: &TaskTracker) -> AgentReply {
+        let accepted = AgentReply::Accepted {
+            session: self.session.clone(),
+        };
+        match command {
+            AgentCommand::RunStep(assignment) => {
+                if !subjects::is_valid_token(&assignment.build_id) {
+                    return AgentReply::Refused {
+                        reason: format!("build id {:?} is not a valid token", assignment.build_id),
+                    };
+                }
+                let cancel = {
+                    let mut occupancy = self.lock();
+                    match &occupancy.build_id {
+                        Some(current) if *current != assignment.build_id => {
+                            return AgentReply::Busy {
+                                build_id: current.clone(),
+                            }
+                        }
+                        _ => {}
+                    }
+                    let key = (assignment.build_id.clone(), assignment.attempt, assignment.index);
+                    if occupancy.running.contains_key(&key) {
+                        // A repeated command (the engine retried after a lost reply).
+                        return accepted;
+                    }
+                    if occupancy.build_id.is_some()
+                        && occupancy
+                            .finished
+                            .contains(&(assignment.attempt, assignment.index))
+                    {
+                        return AgentReply::AlreadyFinished {
+                            session: self.session.clone(),
+                        };
+                    }
+                    occupancy.build_id = Some(assignment.build_id.clone());
+                    let cancel = CancellationToken::new();
+                    occupancy.running.insert(key, cancel.clone());
+                    cancel
+                };
+                self.occupancy_changed.notify_one();
+                let agent = Arc::clone(self);
+                steps.spawn(async move {
+                    let key = (assignment.build_id.clone(), assignment.attempt, assignment.index);
+                    step::run(&agent, assignment, cancel).await;
+                    let mut occupancy = agent.lock();
+                    occupancy.running.remove(&key);
+                    if occupancy.build_id.as_deref() == Some(key.0.as_str()) {
+                        occupancy.finished.insert((key.1, key.2));
+                    }
+                });
+                accepted
+            }
+            AgentCommand::Ping => accepted,
+            AgentCommand::Hold { build_id } => {
+                if !subjects::is_valid_token(&build_id) {
+                    return AgentReply::Refused {
+                        reason: format!("build id {build_id:?} is not a valid token"),
+                    };
+                }
+                let changed = {
+                    let mut occupancy = self.lock();
+                    match &occupancy.build_id {
+                        Some(current) if *current != build_id => {
+                            return AgentReply::Busy {
+                                build_id: current.clone(),
+                            }
+                        }
+                        Some(_) => false,
+                        None => {
+                            occupancy.build_id = Some(build_id);
+                            true
+                        }
+                    }
+                };
+                if changed {
+                    self.occupancy_changed.notify_one();
+                }
+                accepted
+            }
+            AgentCommand::CancelStep {
+                build_id,
+                attempt,
+                index,
+            } => {
+                let occupancy = self.lock();
+                if occupancy.build_id.as_deref() == Some(build_id.as_str()) {
+                    if let Some(cancel) = occupancy.running.get(&(build_id, attempt, index)) {
+                        cancel.cancel();
+                    }
+                }
+                accepted
+            }
+            AgentCommand::Release { build_id } => {
+                let released = {
+                    let mut occupancy = self.lock();
+                    if occupancy.build_id.as_deref() == Some(build_id.as_str()) {
+                        for ((running_build, _, _), cancel) in &occupancy.running {
+                            if *running_build == build_id {
+                                cancel.cancel();
+                            }
+                        }
+                        occupancy.build_id = None;
+                        occupancy.finished.clear();
+                        true
+                    } else {
+                        false
+                    }
+                };
+                if released {
+                    self.occupancy_changed.notify_one();
+                    let workspace = self.workspace(&build_id);
+                    tokio::spawn(async move {
+                        if let Err(error) = tokio::fs::remove_dir_all(&workspace).await {
+                            if error.kind() != std::io::ErrorKind::NotFound {
+                                tracing::warn!(path = %workspace.display(), %error, "cannot remove workspace");
+                            }
+                        }
+                    });
+                }
+                accepted
+            }
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` fires, then lets running steps finish and deregisters.
+pub async fn run(settings: Settings, bus: Bus, shutdown: CancellationToken) -> Result<(), Error> {
+    if !subjects::is_valid_token(&settings.name) {
+        return Err(Error::BadName(settings.name));
+    }
+    let instance_dir = settings.workdir.join(&settings.instance);
+    tokio::fs::create_dir_all(&instance_dir)
+        .await
+        .map_err(|source| Error::Workdir {
+            path: instance_dir.display().to_string(),
+            source,
+        })?;
+    let benchmark = match settings.benchmark {
+        Some(score) => score,
+        None => tokio::task::spawn_blocking(measure_benchmark).await.unwrap_or(1),
+    };
+    let agent = Arc::new(Agent {
+        session: ulid::Ulid::new().to_string(),
+        benchmark,
+        bus: bus.clone(),
+        occupancy: Mutex::new(Occupancy::default()),
+        occupancy_changed: tokio::sync::Notify::new(),
+        settings,
+    });
+    let mut commands = bus
+        .client
+        .subscribe(subjects::agent_commands(&agent.settings.name))
+        .await
+        .map_err(|e| services::bus::Error::nats("subscribing to the agent's work subject", e))?;
+    registry::publish(&agent).await?;
+    tracing::info!(agent = %agent.settings.name, benchmark, "agent registered");
+
+    let registry_stop = CancellationToken::new();
+    let registry_task = tokio::spawn(registry::heartbeat(Arc::clone(&agent), registry_stop.clone()));
+    let steps = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = commands.next() => {
+                let Some(message) = message else { break };
+                let reply = match bus_schema::decode::<AgentCommand>(&message.payload) {
+                    Ok(command) => agent.handle(command, &steps),
+                    Err(error) => {
+                        tracing::warn!(subject = %message.subject, %error, "undecodable command");
+                        AgentReply::Refused { reason: format!("cannot decode the command: {error}") }
+                    }
+                };
+                if let Some(reply_to) = message.reply {
+                    let payload = bus_schema::encode(&reply);
+                    if let Err(error) = bus.client.publish(reply_to, payload.into()).await {
+                        tracing::warn!(%error, "cannot answer a command");
+                    }
+                }
+            }
+        }
+    }
+    let _ = commands.unsubscribe().await;
+    steps.close();
+    steps.wait().await;
+    registry_stop.cancel();
+    let _ = registry_task.await;
+    registry::deregister(&agent).await;
+    tracing::info!(agent = %agent.settings.name, "agent stopped");
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! The agent's entry in the agents bucket: written at start, on every change of occupancy and
+//! on every heartbeat, by one task so that writes never overtake each other.
+
+use std::sync::Arc;
+
+use bus_schema::{AgentRecord, PROTOCOL_VERSION};
+use bytes::Bytes;
+use services::time::now;
+use tokio_util::sync::CancellationToken;
+
+use crate::Agent;
+
+fn record(agent: &Agent) -> AgentRecord {
+    AgentRecord {
+        name: agent.settings.name.clone(),
+        labels: agent.settings.labels.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol: PROTOCOL_VERSION,
+        session: agent.session.clone(),
+        benchmark: agent.benchmark,
+        busy_with: agent.busy_with(),
+        started_at: bus_schema::Timestamp(
+            ulid::Ulid::from_string(&agent.session).map_or(0, |u| u.timestamp_ms()),
+        ),
+        heartbeat_at: now(),
+    }
+}
+
+pub(crate) async fn publish(agent: &Agent) -> Result<(), services::bus::Error> {
+    let payload = Bytes::from(bus_schema::encode(&record(agent)));
+    agent
+        .bus
+        .agents
+        .put(&agent.settings.name, payload)
+        .await
+        .map_err(|e| services::bus::Error::nats("writing the agent record", e))?;
+    Ok(())
+}
+
+/// Publishes the record on every heartbeat tick and at once when occupancy changes.
+pub(crate) async fn heartbeat(agent: Arc<Agent>, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(agent.settings.heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+            _ = agent.occupancy_changed.notified() => {}
+        }
+        if let Err(error) = publish(&agent).await {
+            // The next tick tries again; NATS may be reconnecting.
+            tracing::warn!(%error, "heartbeat not stored");
+        }
+    }
+}
+
+pub(crate) async fn deregister(agent: &Agent) {
+    if let Err(error) = agent.bus.agents.delete(&agent.settings.name).await {
+        tracing::warn!(%error, "cannot deregister the agent");
+    }
+}

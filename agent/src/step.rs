@@ -1,0 +1,342 @@
+//! Running one step: a shell process in its own process group, its output streamed as log
+//! chunks, its end reported as a step-finished event once every log chunk is stored.
+
+use std::future::IntoFuture;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bus_schema::{subjects, BuildEventKind, LogChunk, LogLine, LogStream, StepAssignment, StepResult};
+use bytes::Bytes;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::Agent;
+
+/// Longest log line kept; the rest of a longer line is cut off, with a marker.
+const MAX_LINE_BYTES: usize = 64 * 1024;
+/// A chunk is published when it holds this many bytes, or when no more lines are waiting.
+const MAX_CHUNK_BYTES: usize = 256 * 1024;
+
+struct Outcome {
+    result: StepResult,
+    exit_code: Option<i32>,
+    message: Option<String>,
+}
+
+pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: CancellationToken) {
+    let build_id = assignment.build_id.clone();
+    let index = assignment.index;
+    let attempt = assignment.attempt;
+    let started = agent
+        .bus
+        .publish_event(
+            &build_id,
+            BuildEventKind::StepStarted {
+                index,
+                attempt,
+                agent: agent.settings.name.clone(),
+            },
+        )
+        .await;
+    if let Err(error) = &started {
+        tracing::warn!(%error, build = %build_id, index, "step start not published");
+    }
+    let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);
+    let logger = tokio::spawn(publish_logs(
+        agent.bus.clone(),
+        build_id.clone(),
+        attempt,
+        index,
+        lines_rx,
+    ));
+    let outcome = execute(agent, &assignment, &cancel, lines_tx).await;
+    // Every log chunk is stored before the step is reported finished, so whoever sees the
+    // step finished can read its whole log.
+    let _ = logger.await;
+    if let Ok(started) = started {
+        let _ = started.into_future().await;
+    }
+    report_finished(agent, &build_id, attempt, index, outcome).await;
+}
+
+async fn execute(
+    agent: &Agent,
+    assignment: &StepAssignment,
+    cancel: &CancellationToken,
+    lines: mpsc::Sender<LogLine>,
+) -> Outcome {
+    let header = |text: String| LogLine {
+        stream: LogStream::Header,
+        text,
+    };
+    let workspace = agent.workspace(&assignment.build_id);
+    if let Err(error) = tokio::fs::create_dir_all(&workspace).await {
+        return Outcome {
+            result: StepResult::Exception,
+            exit_code: None,
+            message: Some(format!(
+                "cannot create workspace {}: {error}",
+                workspace.display()
+            )),
+        };
+    }
+    let _ = lines
+        .send(header(format!(
+            "$ {} (agent {}, workspace {})",
+            assignment.command,
+            agent.settings.name,
+            workspace.display()
+        )))
+        .await;
+    let mut command = tokio::process::Command::new("/bin/sh");
+    command
+        .arg("-c")
+        .arg(&assignment.command)
+        .current_dir(&workspace)
+        .envs(&assignment.env)
+        .env("YARD_WORKSPACE", &workspace)
+        .env("YARD_AGENT", &agent.settings.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            return Outcome {
+                result: StepResult::Exception,
+                exit_code: None,
+                message: Some(format!("cannot start /bin/sh: {error}")),
+            }
+        }
+    };
+    let process_group = child.id().map(|pid| Pid::from_raw(pid as i32));
+    let stdout = child
+        .stdout
+        .take()
+        .map(|out| tokio::spawn(forward_lines(out, LogStream::Stdout, lines.clone())));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|err| tokio::spawn(forward_lines(err, LogStream::Stderr, lines.clone())));
+    let timeout = assignment.timeout_ms.map(Duration::from_millis);
+    let timer = async {
+        match timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        status = child.wait() => match status {
+            Ok(status) => match status.code() {
+                Some(0) => Outcome { result: StepResult::Success, exit_code: Some(0), message: None },
+                Some(code) => Outcome {
+                    result: StepResult::Failure,
+                    exit_code: Some(code),
+                    message: Some(format!("exited with code {code}")),
+                },
+                None => Outcome {
+                    result: StepResult::Failure,
+                    exit_code: None,
+                    message: Some("killed by a signal".into()),
+                },
+            },
+            Err(error) => Outcome {
+                result: StepResult::Exception,
+                exit_code: None,
+                message: Some(format!("cannot wait for the step process: {error}")),
+            },
+        },
+        _ = timer => Outcome {
+            result: StepResult::Timeout,
+            exit_code: None,
+            message: Some(format!(
+                "timed out after {}; process group killed",
+                humanize(timeout.unwrap_or_default())
+            )),
+        },
+        _ = cancel.cancelled() => Outcome {
+            result: StepResult::Cancelled,
+            exit_code: None,
+            message: Some("cancelled; process group killed".into()),
+        },
+    };
+    // Whatever ended the step, nothing it started may outlive it: kill the whole group. This
+    // also closes pipes held by background children, so the readers below reach EOF.
+    if let Some(group) = process_group {
+        let _ = killpg(group, Signal::SIGKILL);
+    }
+    let _ = child.wait().await;
+    for reader in [stdout, stderr].into_iter().flatten() {
+        // A process that left the group (setsid) can keep a pipe open; stop reading after a
+        // grace period rather than hang the step.
+        let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    }
+    if let Some(message) = &outcome.message {
+        let _ = lines.send(header(message.clone())).await;
+    }
+    outcome
+}
+
+fn humanize(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis.is_multiple_of(1000) {
+        format!("{}s", millis / 1000)
+    } else {
+        format!("{millis}ms")
+    }
+}
+
+/// Reads lines from a pipe and forwards them, lossily decoded, to the log publisher.
+async fn forward_lines(pipe: impl AsyncRead + Unpin, stream: LogStream, lines: mpsc::Sender<LogLine>) {
+    let mut reader = BufReader::new(pipe);
+    let mut buffer = Vec::new();
+    loop {
+        buffer.clear();
+        match reader.read_until(b'\n', &mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if buffer.last() == Some(&b'\n') {
+                    buffer.pop();
+                }
+                if buffer.last() == Some(&b'\r') {
+                    buffer.pop();
+                }
+                let mut text = String::from_utf8_lossy(&buffer).into_owned();
+                if text.len() > MAX_LINE_BYTES {
+                    let mut cut = MAX_LINE_BYTES;
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    text.truncate(cut);
+                    text.push_str(" [line cut at 64 KiB]");
+                }
+                if lines.send(LogLine { stream, text }).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Publishes log lines in chunks: whatever has accumulated while the previous chunk was being
+/// sent goes out together, so a chatty step makes few large messages and a quiet one adds no
+/// delay. Publishes are pipelined; chunks that fail to be stored are published again
+/// (deduplicated by their id) until JetStream has them, before this returns.
+async fn publish_logs(
+    bus: services::Bus,
+    build_id: String,
+    attempt: u32,
+    index: u32,
+    mut lines: mpsc::Receiver<LogLine>,
+) {
+    let subject = subjects::step_log(&build_id, index);
+    let mut in_flight = Vec::new();
+    let mut seq = 0u32;
+    while let Some(first) = lines.recv().await {
+        let mut size = first.text.len();
+        let mut chunk = vec![first];
+        while size < MAX_CHUNK_BYTES {
+            match lines.try_recv() {
+                Ok(line) => {
+                    size += line.text.len();
+                    chunk.push(line);
+                }
+                Err(_) => break,
+            }
+        }
+        let payload = Bytes::from(bus_schema::encode(&LogChunk {
+            build_id: build_id.clone(),
+            index,
+            seq,
+            attempt,
+            lines: chunk,
+        }));
+        let id = subjects::log_chunk_id(&build_id, attempt, index, seq);
+        seq += 1;
+        let ack = publish_chunk(&bus, &subject, &id, payload.clone()).await;
+        in_flight.push((id, payload, ack));
+    }
+    let mut unstored = Vec::new();
+    for (id, payload, ack) in in_flight {
+        let stored = match ack {
+            Some(ack) => ack.into_future().await.is_ok(),
+            None => false,
+        };
+        if !stored {
+            unstored.push((id, payload));
+        }
+    }
+    let mut delay = Duration::from_millis(100);
+    for try_number in 1..=20 {
+        if unstored.is_empty() {
+            return;
+        }
+        tracing::warn!(build = %build_id, index, chunks = unstored.len(), try_number, "log chunks not stored; publishing again");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+        let mut still_unstored = Vec::new();
+        for (id, payload) in unstored {
+            let stored = match publish_chunk(&bus, &subject, &id, payload.clone()).await {
+                Some(ack) => ack.into_future().await.is_ok(),
+                None => false,
+            };
+            if !stored {
+                still_unstored.push((id, payload));
+            }
+        }
+        unstored = still_unstored;
+    }
+    if !unstored.is_empty() {
+        tracing::error!(build = %build_id, index, chunks = unstored.len(), "log chunks lost: the bus did not store them");
+    }
+}
+
+async fn publish_chunk(
+    bus: &services::Bus,
+    subject: &str,
+    id: &str,
+    payload: Bytes,
+) -> Option<async_nats::jetstream::context::PublishAckFuture> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id);
+    match bus
+        .jetstream
+        .publish_with_headers(subject.to_owned(), headers, payload)
+        .await
+    {
+        Ok(ack) => Some(ack),
+        Err(error) => {
+            tracing::debug!(%error, "log chunk not published");
+            None
+        }
+    }
+}
+
+/// Stores the step-finished event, retrying until JetStream has it or the agent's bus is gone:
+/// the engine waits for this event, so it must not be dropped on a passing error.
+async fn report_finished(agent: &Agent, build_id: &str, attempt: u32, index: u32, outcome: Outcome) {
+    let mut delay = Duration::from_millis(50);
+    for try_number in 1..=20 {
+        let kind = BuildEventKind::StepFinished {
+            index,
+            attempt,
+            result: outcome.result,
+            exit_code: outcome.exit_code,
+            message: outcome.message.clone(),
+        };
+        match agent.bus.store_event(build_id, kind).await {
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(%error, build = %build_id, index, try_number, "step result not stored; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::error!(build = %build_id, index, "step result could not be stored; the engine will see the step as lost");
+}

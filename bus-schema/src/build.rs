@@ -1,0 +1,470 @@
+//! Build state as a fold over build events.
+//!
+//! Events of one build come from several publishers (the engine that drives it, the agents
+//! that run its steps), so they can reach the stream in a different order than they
+//! happened. The fold is therefore order-tolerant: states only move forward, and a late
+//! event fills in details without undoing a later state.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{BuildEvent, BuildEventKind, BuildRequest, Change, Timestamp};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildState {
+    Requested,
+    Waiting,
+    Running,
+    Finished,
+}
+
+impl BuildState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildState::Requested => "requested",
+            BuildState::Waiting => "waiting",
+            BuildState::Running => "running",
+            BuildState::Finished => "finished",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildResult {
+    Success,
+    Failure,
+    Exception,
+    Cancelled,
+    /// Every attempt lost its agent.
+    Lost,
+    /// Ended to break a deadlock it was part of.
+    Deadlock,
+}
+
+impl BuildResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildResult::Success => "success",
+            BuildResult::Failure => "failure",
+            BuildResult::Exception => "exception",
+            BuildResult::Cancelled => "cancelled",
+            BuildResult::Lost => "lost",
+            BuildResult::Deadlock => "deadlock",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepState {
+    Pending,
+    /// Waiting for an agent; `message` says why.
+    Waiting,
+    Running,
+    Skipped,
+    Finished,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepResult {
+    Success,
+    Failure,
+    /// The step could not run as asked: its agent vanished, or the command could not start.
+    Exception,
+    Cancelled,
+    /// The step ran past its timeout and its process group was killed.
+    Timeout,
+}
+
+/// One step of a build as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub index: u32,
+    pub name: String,
+    /// Names from the top of the step tree down, joined with `/`.
+    #[serde(default)]
+    pub path: String,
+    /// `command`, `sequence` or `parallel`.
+    #[serde(default)]
+    pub kind: String,
+    pub state: StepState,
+    pub result: Option<StepResult>,
+    pub agent: Option<String>,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+impl StepRecord {
+    fn pending(index: u32) -> Self {
+        StepRecord {
+            index,
+            name: String::new(),
+            path: String::new(),
+            kind: String::new(),
+            state: StepState::Pending,
+            result: None,
+            agent: None,
+            exit_code: None,
+            message: None,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
+/// An attempt of a build that ended because its agent was lost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryRecord {
+    pub attempt: u32,
+    pub reason: String,
+    pub at: Timestamp,
+    pub steps: Vec<StepRecord>,
+}
+
+/// A build as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub id: String,
+    /// Position of the build among its builder's builds, from 1, in the order the events
+    /// stream stored their requests. Set by whoever folds the whole stream.
+    pub number: u64,
+    pub builder: String,
+    pub state: BuildState,
+    pub result: Option<BuildResult>,
+    pub reason: String,
+    /// Why the build is waiting, while it waits; why it ended, once it ended abnormally.
+    pub message: Option<String>,
+    pub engine: Option<String>,
+    /// The agent the master step holds.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// Every engine that claimed the build, in order; more than one means it was adopted.
+    #[serde(default)]
+    pub claimed_by: Vec<String>,
+    pub priority: i32,
+    pub steps: Vec<StepRecord>,
+    /// Earlier attempts that lost their agent, oldest first, with the steps as they were.
+    #[serde(default)]
+    pub retries: Vec<RetryRecord>,
+    pub changes: Vec<Change>,
+    pub properties: BTreeMap<String, String>,
+    pub requested_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+impl BuildRecord {
+    /// A build that exists because it was requested.
+    pub fn requested(request: &BuildRequest) -> Self {
+        BuildRecord {
+            id: request.build_id.clone(),
+            number: 0,
+            builder: request.builder.clone(),
+            state: BuildState::Requested,
+            result: None,
+            reason: request.reason.clone(),
+            message: None,
+            engine: None,
+            agent: None,
+            claimed_by: Vec::new(),
+            priority: request.priority,
+            steps: Vec::new(),
+            retries: Vec::new(),
+            changes: request.changes.clone(),
+            properties: request.properties.clone(),
+            requested_at: request.requested_at,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    /// A build whose first event seen is not its request (the request was published by
+    /// another connection and has not arrived yet).
+    pub fn placeholder(build_id: &str, at: Timestamp) -> Self {
+        BuildRecord::requested(&BuildRequest {
+            build_id: build_id.to_owned(),
+            builder: String::new(),
+            reason: String::new(),
+            properties: BTreeMap::new(),
+            changes: Vec::new(),
+            priority: 0,
+            requested_at: at,
+        })
+    }
+
+    /// The step `index` of `attempt`: the current steps, or those of an earlier attempt that
+    /// a late event still speaks of.
+    fn step_mut(&mut self, attempt: u32, index: u32) -> &mut StepRecord {
+        let current = self.retries.len() as u32;
+        let steps = match self.retries.get_mut(attempt as usize) {
+            Some(retry) if attempt < current => &mut retry.steps,
+            _ => &mut self.steps,
+        };
+        let position = index as usize;
+        while steps.len() <= position {
+            let next = steps.len() as u32;
+            steps.push(StepRecord::pending(next));
+        }
+        &mut steps[position]
+    }
+
+    /// The attempt the build is on: 0, or the number of retries so far.
+    pub fn attempt(&self) -> u32 {
+        self.retries.len() as u32
+    }
+
+    fn advance(&mut self, state: BuildState) {
+        if state > self.state {
+            self.state = state;
+        }
+    }
+
+    /// Applies one event of this build.
+    pub fn apply(&mut self, event: &BuildEvent) {
+        match &event.kind {
+            BuildEventKind::Requested(request) => {
+                self.builder.clone_from(&request.builder);
+                self.reason.clone_from(&request.reason);
+                self.priority = request.priority;
+                self.changes.clone_from(&request.changes);
+                self.properties.clone_from(&request.properties);
+                self.requested_at = request.requested_at;
+            }
+            BuildEventKind::Claimed { engine, steps } => {
+                self.engine = Some(engine.clone());
+                self.claimed_by.push(engine.clone());
+                let attempt = self.attempt();
+                for (index, planned) in steps.iter().enumerate() {
+                    let step = self.step_mut(attempt, index as u32);
+                    step.name.clone_from(&planned.name);
+                    step.path.clone_from(&planned.path);
+                    step.kind.clone_from(&planned.kind);
+                }
+            }
+            BuildEventKind::Waiting { reason } => {
+                if self.state < BuildState::Running {
+                    self.advance(BuildState::Waiting);
+                    self.message = Some(reason.clone());
+                }
+            }
+            BuildEventKind::PropertySet { name, value } => {
+                self.properties.insert(name.clone(), value.clone());
+            }
+            BuildEventKind::MasterAgent { agent } => {
+                // Holding its master agent, the build runs (its steps may still wait).
+                self.agent = Some(agent.clone());
+                if self.state < BuildState::Running {
+                    self.message = None;
+                }
+                self.advance(BuildState::Running);
+                self.started_at.get_or_insert(event.at);
+            }
+            BuildEventKind::StepWaiting {
+                index,
+                attempt,
+                reason,
+            } => {
+                let step = self.step_mut(*attempt, *index);
+                if step.state < StepState::Waiting {
+                    step.state = StepState::Waiting;
+                    step.message = Some(reason.clone());
+                }
+            }
+            BuildEventKind::StepStarted {
+                index,
+                attempt,
+                agent,
+            } => {
+                if self.state < BuildState::Running {
+                    self.message = None;
+                }
+                self.advance(BuildState::Running);
+                self.started_at.get_or_insert(event.at);
+                let step = self.step_mut(*attempt, *index);
+                // Steps the engine carries out itself (pool acquisitions) run on no agent.
+                step.agent = (!agent.is_empty()).then(|| agent.clone());
+                step.started_at = Some(event.at);
+                if step.state < StepState::Running {
+                    step.state = StepState::Running;
+                    step.message = None;
+                }
+            }
+            BuildEventKind::StepFinished {
+                index,
+                attempt,
+                result,
+                exit_code,
+                message,
+            } => {
+                let step = self.step_mut(*attempt, *index);
+                step.state = StepState::Finished;
+                step.result = Some(*result);
+                step.exit_code = *exit_code;
+                step.message.clone_from(message);
+                step.finished_at = Some(event.at);
+            }
+            BuildEventKind::StepSkipped { index, attempt } => {
+                let step = self.step_mut(*attempt, *index);
+                if step.state == StepState::Pending {
+                    step.state = StepState::Skipped;
+                }
+            }
+            BuildEventKind::Retrying { attempt, reason } => {
+                if self.retries.iter().any(|retry| retry.attempt == *attempt) {
+                    return;
+                }
+                let steps = self
+                    .steps
+                    .iter()
+                    .map(|step| StepRecord {
+                        name: step.name.clone(),
+                        path: step.path.clone(),
+                        kind: step.kind.clone(),
+                        ..StepRecord::pending(step.index)
+                    })
+                    .collect();
+                let earlier = std::mem::replace(&mut self.steps, steps);
+                self.retries.push(RetryRecord {
+                    attempt: *attempt,
+                    reason: reason.clone(),
+                    at: event.at,
+                    steps: earlier,
+                });
+            }
+            BuildEventKind::Finished { result, message } => {
+                self.state = BuildState::Finished;
+                self.result = Some(*result);
+                self.message.clone_from(message);
+                self.finished_at = Some(event.at);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PlannedStep;
+
+    fn event(kind: BuildEventKind, at: u64) -> BuildEvent {
+        BuildEvent {
+            build_id: "b1".into(),
+            at: Timestamp(at),
+            kind,
+        }
+    }
+
+    fn request() -> BuildRequest {
+        BuildRequest {
+            build_id: "b1".into(),
+            builder: "demo".into(),
+            reason: "forced".into(),
+            properties: BTreeMap::new(),
+            changes: vec![],
+            priority: 0,
+            requested_at: Timestamp(1),
+        }
+    }
+
+    #[test]
+    fn late_events_do_not_move_state_backwards() {
+        let mut record = BuildRecord::requested(&request());
+        record.apply(&event(
+            BuildEventKind::StepStarted {
+                index: 0,
+                attempt: 0,
+                agent: "a1".into(),
+            },
+            3,
+        ));
+        record.apply(&event(
+            BuildEventKind::StepFinished {
+                index: 0,
+                attempt: 0,
+                result: StepResult::Success,
+                exit_code: Some(0),
+                message: None,
+            },
+            4,
+        ));
+        // The engine's claim reaches the stream after the agent's step events.
+        record.apply(&event(
+            BuildEventKind::Claimed {
+                engine: "e1".into(),
+                steps: vec![
+                    PlannedStep {
+                        name: "compile".into(),
+                        path: "compile".into(),
+                        kind: "command".into(),
+                    },
+                    PlannedStep {
+                        name: "test".into(),
+                        path: "test".into(),
+                        kind: "command".into(),
+                    },
+                ],
+            },
+            2,
+        ));
+        record.apply(&event(
+            BuildEventKind::Waiting {
+                reason: "late".into(),
+            },
+            2,
+        ));
+        assert_eq!(record.state, BuildState::Running);
+        assert_eq!(record.message, None);
+        assert_eq!(record.steps[0].name, "compile");
+        assert_eq!(record.steps[0].state, StepState::Finished);
+        assert_eq!(record.steps[1].state, StepState::Pending);
+        record.apply(&event(
+            BuildEventKind::Finished {
+                result: BuildResult::Success,
+                message: None,
+            },
+            5,
+        ));
+        assert_eq!(record.state, BuildState::Finished);
+        assert_eq!(record.result, Some(BuildResult::Success));
+    }
+
+    #[test]
+    fn a_late_event_of_an_earlier_attempt_stays_with_that_attempt() {
+        let mut record = BuildRecord::requested(&request());
+        let started = |attempt| BuildEventKind::StepStarted {
+            index: 0,
+            attempt,
+            agent: format!("agent-{attempt}"),
+        };
+        record.apply(&event(started(0), 2));
+        record.apply(&event(
+            BuildEventKind::Retrying {
+                attempt: 1,
+                reason: "agent-0 lost".into(),
+            },
+            3,
+        ));
+        record.apply(&event(started(1), 4));
+        // The lost agent's result arrives after the retry began.
+        record.apply(&event(
+            BuildEventKind::StepFinished {
+                index: 0,
+                attempt: 0,
+                result: StepResult::Failure,
+                exit_code: Some(1),
+                message: None,
+            },
+            5,
+        ));
+        assert_eq!(record.attempt(), 1);
+        assert_eq!(record.steps[0].state, StepState::Running);
+        assert_eq!(record.steps[0].agent.as_deref(), Some("agent-1"));
+        assert_eq!(record.retries[0].steps[0].result, Some(StepResult::Failure));
+    }
+}

@@ -1,0 +1,88 @@
+//! MessagePack encoding of bus messages inside a versioned envelope.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::PROTOCOL_VERSION;
+
+/// Why a payload taken off the bus could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a Yardmaster message: {0}")]
+    Malformed(#[from] rmp_serde::decode::Error),
+    #[error("protocol version {found} is not supported (this build speaks {supported})")]
+    IncompatibleVersion { found: u32, supported: u32 },
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a, T> {
+    v: u32,
+    m: &'a T,
+}
+
+/// The body of an envelope whose version was already checked.
+#[derive(Deserialize)]
+struct Envelope<T> {
+    m: T,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: u32,
+}
+
+/// Encodes a message for the bus: MessagePack with named fields, so that fields can be added
+/// without breaking older readers.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let envelope = EnvelopeRef {
+        v: PROTOCOL_VERSION,
+        m: message,
+    };
+    // Serializing plain data structs into a Vec cannot fail: no maps with non-string keys
+    // and no I/O are involved.
+    rmp_serde::to_vec_named(&envelope).expect("bus messages always serialize")
+}
+
+/// Decodes a message from the bus, refusing other protocol versions before looking at the body.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
+    let version: VersionOnly = rmp_serde::from_slice(payload)?;
+    if version.v != PROTOCOL_VERSION {
+        return Err(DecodeError::IncompatibleVersion {
+            found: version.v,
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    let envelope: Envelope<T> = rmp_serde::from_slice(payload)?;
+    Ok(envelope.m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::CancelRequest;
+
+    #[test]
+    fn round_trips_a_message() {
+        let cancel = CancelRequest {
+            build_id: "01J0".into(),
+            requested_by: "alice".into(),
+        };
+        let decoded: CancelRequest = decode(&encode(&cancel)).unwrap();
+        assert_eq!(decoded, cancel);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for garbage in [&b""[..], b"\xff\xff", b"hello world", b"\x81\xa1v\x01"] {
+            assert!(decode::<CancelRequest>(garbage).is_err());
+        }
+    }
+
+    #[test]
+    fn another_protocol_version_is_refused() {
+        let payload = rmp_serde::to_vec_named(&EnvelopeRef { v: 99, m: &1u8 }).unwrap();
+        match decode::<u8>(&payload) {
+            Err(DecodeError::IncompatibleVersion { found: 99, .. }) => {}
+            other => panic!("expected a version error, got {other:?}"),
+        }
+    }
+}

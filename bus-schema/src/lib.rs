@@ -1,0 +1,24 @@
+//! The Yardmaster bus: every subject, stream, bucket and message type, plus the protocol version.
+//!
+//! **Architecture Invariant:** this crate knows nothing about connections, runtimes or files.
+//! It is serde types, subject-building functions, the MessagePack codec and the pure fold
+//! that turns build events into build state. Every service depends on it; it depends on no
+//! service.
+
+pub mod build;
+pub mod codec;
+pub mod messages;
+pub mod subjects;
+pub mod time;
+
+pub use build::{BuildRecord, BuildResult, BuildState, StepRecord, StepResult, StepState};
+pub use codec::{decode, encode, DecodeError};
+pub use messages::*;
+pub use time::Timestamp;
+
+/// Version of the bus protocol. Every message carries it; a peer refuses messages from an
+/// incompatible major version instead of misreading them.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Oldest nats-server release that has what Yardmaster relies on (per-key TTL, KV limit markers).
+pub const MIN_NATS_SERVER_VERSION: (u64, u64, u64) = (2, 11, 0);

@@ -1,0 +1,361 @@
+//! Message types carried on the bus.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{BuildResult, StepResult, Timestamp};
+
+/// A change to source code: a push, a merge request, or a change posted by hand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub id: String,
+    #[serde(default)]
+    pub repository: String,
+    #[serde(default)]
+    pub branch: String,
+    #[serde(default)]
+    pub revision: String,
+    #[serde(default)]
+    pub author: String,
+    #[serde(default)]
+    pub comments: String,
+    #[serde(default)]
+    pub files: Vec<String>,
+    #[serde(default)]
+    pub project: String,
+    /// Where the change came from: `api`, `github`, `gitlab`, ...
+    #[serde(default)]
+    pub source: String,
+    pub received_at: Timestamp,
+}
+
+/// A request to run one build of one builder. Its `build_id` names the build from the moment
+/// it is requested.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRequest {
+    pub build_id: String,
+    pub builder: String,
+    /// Why the build was requested, e.g. `scheduler main: change 01J...` or `forced by alice`.
+    pub reason: String,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    #[serde(default)]
+    pub changes: Vec<Change>,
+    /// Higher runs first among waiting builds.
+    #[serde(default)]
+    pub priority: i32,
+    pub requested_at: Timestamp,
+}
+
+/// One entry of a build's step plan, announced when an engine claims the build. The plan
+/// lists every step of the tree depth-first; a step's index is its position in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedStep {
+    pub name: String,
+    /// Names from the top of the tree down, joined with `/`, e.g. `tests/unit`.
+    #[serde(default)]
+    pub path: String,
+    /// `command`, `sequence` or `parallel`.
+    #[serde(default)]
+    pub kind: String,
+}
+
+/// Something that happened to a build. The build's state is a fold over these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildEvent {
+    pub build_id: String,
+    pub at: Timestamp,
+    pub kind: BuildEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BuildEventKind {
+    Requested(BuildRequest),
+    Claimed {
+        engine: String,
+        steps: Vec<PlannedStep>,
+    },
+    Waiting {
+        reason: String,
+    },
+    /// The build holds this agent for its master step until it ends.
+    MasterAgent {
+        agent: String,
+    },
+    /// A step waits for an agent, and why.
+    StepWaiting {
+        index: u32,
+        #[serde(default)]
+        attempt: u32,
+        reason: String,
+    },
+    StepStarted {
+        index: u32,
+        /// Which attempt of the build (0 for the first; see `Retrying`).
+        #[serde(default)]
+        attempt: u32,
+        agent: String,
+    },
+    StepFinished {
+        index: u32,
+        #[serde(default)]
+        attempt: u32,
+        result: StepResult,
+        exit_code: Option<i32>,
+        message: Option<String>,
+    },
+    StepSkipped {
+        index: u32,
+        #[serde(default)]
+        attempt: u32,
+    },
+    /// A build property was set while the build ran (a pool server acquired `as` it).
+    PropertySet {
+        name: String,
+        value: String,
+    },
+    /// The build starts over on another agent because its agent was lost; the steps of the
+    /// earlier attempt stay recorded in `attempts` of the build.
+    Retrying {
+        attempt: u32,
+        reason: String,
+    },
+    Finished {
+        result: BuildResult,
+        message: Option<String>,
+    },
+}
+
+impl BuildEventKind {
+    /// Last token of the event's subject, so consumers can filter by kind.
+    pub fn subject_kind(&self) -> &'static str {
+        match self {
+            BuildEventKind::Requested(_) => "requested",
+            BuildEventKind::Claimed { .. } => "claimed",
+            BuildEventKind::Waiting { .. } => "waiting",
+            BuildEventKind::MasterAgent { .. } => "master_agent",
+            BuildEventKind::StepWaiting { .. } => "step_waiting",
+            BuildEventKind::StepStarted { .. } => "step_started",
+            BuildEventKind::StepFinished { .. } => "step_finished",
+            BuildEventKind::StepSkipped { .. } => "step_skipped",
+            BuildEventKind::Retrying { .. } => "retrying",
+            BuildEventKind::PropertySet { .. } => "property_set",
+            BuildEventKind::Finished { .. } => "finished",
+        }
+    }
+}
+
+/// What an agent tells the grid about itself, stored in the agents bucket under its name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+    pub protocol: u32,
+    /// Identifies one run of the agent process; a new session means steps of the old one died.
+    pub session: String,
+    /// Speed score: higher is faster.
+    #[serde(default)]
+    pub benchmark: u64,
+    /// The build whose steps the agent runs now, if any.
+    pub busy_with: Option<String>,
+    pub started_at: Timestamp,
+    pub heartbeat_at: Timestamp,
+}
+
+/// Work for an agent: one command step of one build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepAssignment {
+    pub build_id: String,
+    pub builder: String,
+    pub index: u32,
+    /// Attempt of the build this step belongs to; a step of a new attempt never collides with
+    /// one of an earlier attempt.
+    pub attempt: u32,
+    pub name: String,
+    /// Shell text run as `/bin/sh -c <command>`.
+    pub command: String,
+    /// Environment of the process, on top of the agent's own.
+    pub env: BTreeMap<String, String>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// A command on an agent's own work subject; the agent answers each with an [`AgentReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentCommand {
+    /// Start a step. The agent takes it only if it is idle or already busy with the same build.
+    RunStep(StepAssignment),
+    /// Reserve the agent for a build without running anything yet (a master step holding its
+    /// agent while its children run elsewhere). Same rule as `RunStep`.
+    Hold { build_id: String },
+    /// Kill the step's process group; the step then finishes as cancelled.
+    CancelStep {
+        build_id: String,
+        attempt: u32,
+        index: u32,
+    },
+    /// Are you there? Answered `Accepted` with the agent's session; lets an engine tell a
+    /// dead agent from one whose heartbeats cannot be stored for a moment.
+    Ping,
+    /// The build is over: the agent is free for another build.
+    Release { build_id: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentReply {
+    /// The command was carried out; `session` identifies the agent's run.
+    Accepted { session: String },
+    /// The agent runs steps of another build.
+    Busy { build_id: String },
+    /// The agent already ran this step of the build it serves; its result is on the bus.
+    AlreadyFinished { session: String },
+    /// The command cannot be carried out, and why.
+    Refused { reason: String },
+}
+
+/// Which output stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    /// Lines written by Yardmaster itself (warnings, timeouts).
+    Header,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub stream: LogStream,
+    pub text: String,
+}
+
+/// A batch of log lines of one step, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub build_id: String,
+    pub index: u32,
+    /// Position of the chunk in the step's log, from 0. A chunk published again after a failed
+    /// store can land after later ones; readers order chunks by it.
+    #[serde(default)]
+    pub seq: u32,
+    #[serde(default)]
+    pub attempt: u32,
+    pub lines: Vec<LogLine>,
+}
+
+/// A request to cancel a build, stored in the cancels bucket under the build id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub build_id: String,
+    pub requested_by: String,
+}
+
+/// Whether a master takes new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MasterState {
+    Active,
+    /// Finishing what it has, taking nothing new, then exiting.
+    Draining,
+}
+
+/// A master process, stored in the masters bucket under its id and refreshed by heartbeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MasterRecord {
+    pub id: String,
+    /// `scheduler`, `engine` and/or `ui`.
+    pub roles: Vec<String>,
+    pub version: String,
+    pub protocol: u32,
+    pub host: String,
+    pub state: MasterState,
+    /// Digest of each scheduler and builder definition this master runs, keyed
+    /// `scheduler:<name>` or `builder:<name>`, so that masters disagreeing on a definition
+    /// can be found.
+    #[serde(default)]
+    pub definitions: BTreeMap<String, String>,
+    pub started_at: Timestamp,
+    pub heartbeat_at: Timestamp,
+}
+
+/// A command on a master's own control subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MasterCommand {
+    /// Stop taking work, finish what is running, then exit.
+    Drain,
+}
+
+/// A scheduler lease: which master runs a scheduler now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub holder: String,
+    pub since: Timestamp,
+}
+
+/// A step (or a master step) waiting for an agent, stored in the waits bucket while it waits,
+/// so that every engine sees the whole wait-for graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitRecord {
+    pub build_id: String,
+    pub builder: String,
+    /// Path of the waiting step; empty for the master step.
+    pub step: String,
+    /// The `agents` expression the step waits for an agent matching.
+    pub agents: String,
+    pub engine: String,
+    pub requested_at: Timestamp,
+    pub priority: i32,
+    /// `fail-newest` or `wait`: what the builder does when the build is caught in a deadlock.
+    pub deadlock_policy: String,
+    pub since: Timestamp,
+    /// Set when the step waits for a server of this pool role rather than for an agent.
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
+/// A resource pool: the servers of one role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRecord {
+    pub role: String,
+    pub servers: Vec<String>,
+}
+
+/// Who holds a pool server, and for how long it has been refreshed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolHolder {
+    pub build_id: String,
+    /// Path of the step that acquired it.
+    pub step: String,
+    pub engine: String,
+    pub since: Timestamp,
+    /// Renewed while the build runs; a holder not renewed for a while has vanished.
+    pub refreshed_at: Timestamp,
+}
+
+/// Every acquisition of one server: at most one global holder, or at most one holder per
+/// role. Stored under `server.<name>` and changed only by compare-and-swap.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerHolds {
+    pub global: Option<PoolHolder>,
+    #[serde(default)]
+    pub roles: BTreeMap<String, PoolHolder>,
+}
+
+/// A build step waiting for a server of a role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolWaiter {
+    pub build_id: String,
+    pub step: String,
+    /// `global` or `role`.
+    pub scope: String,
+    pub since: Timestamp,
+    pub refreshed_at: Timestamp,
+}
+
+/// The queue of waiters of one role, first come first served; stored under `queue.<role>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolQueue {
+    pub waiters: Vec<PoolWaiter>,
+}

@@ -1,0 +1,154 @@
+//! Names of every stream, consumer, bucket and subject on the bus, built in one place.
+//!
+//! Subjects are dot-separated tokens; every token built from user data (build ids, agent
+//! names) is checked by [`is_valid_token`] where it enters the system.
+
+/// Stream of change events (pushes, merge requests, generic changes). Limits retention:
+/// every scheduler reads every change through its own durable consumer.
+pub const CHANGES_STREAM: &str = "YARD_CHANGES";
+/// Stream of build requests. Work-queue retention: a fetched message is a claim.
+pub const REQUESTS_STREAM: &str = "YARD_REQUESTS";
+/// Stream of build events; build state is a fold over them.
+pub const EVENTS_STREAM: &str = "YARD_EVENTS";
+/// Stream of step log chunks.
+pub const LOGS_STREAM: &str = "YARD_LOGS";
+
+/// The one durable pull consumer that every engine master shares on [`REQUESTS_STREAM`].
+pub const ENGINES_CONSUMER: &str = "engines";
+
+/// KV bucket of registered agents, keyed by agent name.
+pub const AGENTS_BUCKET: &str = "yard-agents";
+/// KV bucket of cancel requests, keyed by build id.
+pub const CANCELS_BUCKET: &str = "yard-cancels";
+/// KV bucket of waiting steps, keyed by [`wait_key`].
+pub const WAITS_BUCKET: &str = "yard-waits";
+/// KV bucket of resource pools: `pool.<role>` definitions, `server.<name>` acquisitions and
+/// `queue.<role>` waiters.
+pub const POOLS_BUCKET: &str = "yard-pools";
+
+pub fn pool_key(role: &str) -> String {
+    format!("pool.{role}")
+}
+
+pub fn pool_server_key(server: &str) -> String {
+    format!("server.{server}")
+}
+
+pub fn pool_queue_key(role: &str) -> String {
+    format!("queue.{role}")
+}
+
+/// KV bucket of running masters, keyed by master id.
+pub const MASTERS_BUCKET: &str = "yard-masters";
+/// KV bucket of scheduler leases, keyed by scheduler consumer name; entries expire after
+/// [`LEASE_SECONDS`] without renewal.
+pub const LEASES_BUCKET: &str = "yard-leases";
+/// How long a scheduler lease lasts without renewal.
+pub const LEASE_SECONDS: u64 = 10;
+
+pub const CHANGES_ALL: &str = "yard.change.>";
+pub const REQUESTS_ALL: &str = "yard.request.>";
+pub const EVENTS_ALL: &str = "yard.event.>";
+pub const LOGS_ALL: &str = "yard.log.>";
+/// Filter matching the step-finished events of every build, which engines follow.
+pub const STEP_FINISHED_ALL: &str = "yard.event.*.step_finished";
+
+/// Subject a change is stored under.
+pub fn change(change_id: &str) -> String {
+    format!("yard.change.{change_id}")
+}
+
+/// Subject a build request is stored under.
+pub fn request(builder: &str) -> String {
+    format!("yard.request.{}", token_or_underscore(builder))
+}
+
+/// Subject of one event of a build; `kind` is [`crate::BuildEventKind::subject_kind`].
+pub fn event(build_id: &str, kind: &str) -> String {
+    format!("yard.event.{build_id}.{kind}")
+}
+
+/// Filter matching every event of one build.
+pub fn events_of_build(build_id: &str) -> String {
+    format!("yard.event.{build_id}.*")
+}
+
+/// Deduplication id of one log chunk, so that a chunk published twice is stored once.
+pub fn log_chunk_id(build_id: &str, attempt: u32, step_index: u32, seq: u32) -> String {
+    format!("{build_id}.{attempt}.{step_index}.{seq}")
+}
+
+/// Subject of the log chunks of one step.
+pub fn step_log(build_id: &str, step_index: u32) -> String {
+    format!("yard.log.{build_id}.{step_index}")
+}
+
+/// The work subject of one agent: only that agent subscribes to it.
+pub fn agent_commands(agent_name: &str) -> String {
+    format!("yard.agent.{agent_name}.cmd")
+}
+
+/// Key of one waiting step in the waits bucket (`master` for the master step).
+pub fn wait_key(build_id: &str, attempt: u32, step: Option<u32>) -> String {
+    match step {
+        Some(index) => format!("{build_id}.{attempt}.{index}"),
+        None => format!("{build_id}.{attempt}.master"),
+    }
+}
+
+/// The control subject of one master (drain requests).
+pub fn master_control(master_id: &str) -> String {
+    format!("yard.master.{master_id}.control")
+}
+
+/// Name of the durable consumer through which one scheduler reads changes.
+pub fn scheduler_consumer(scheduler_name: &str) -> String {
+    let safe: String = scheduler_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("scheduler-{safe}")
+}
+
+/// True if `token` can stand as one subject token and one KV key: ASCII letters, digits,
+/// `-` and `_`, 1 to 128 characters.
+pub fn is_valid_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= 128
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn token_or_underscore(text: &str) -> String {
+    if is_valid_token(text) {
+        text.to_owned()
+    } else {
+        "_".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_reject_subject_syntax() {
+        assert!(is_valid_token("agent-1"));
+        assert!(is_valid_token("01JD5Z4Q9W"));
+        for bad in ["", "a.b", "a b", "*", ">", "a\nb", &"x".repeat(129)] {
+            assert!(!is_valid_token(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn scheduler_consumer_names_are_safe() {
+        assert_eq!(scheduler_consumer("main branch.x"), "scheduler-main_branch_x");
+    }
+}

@@ -1,0 +1,379 @@
+//! The `yard` command: runs one Yardmaster role, or every role together with `yard up`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use services::nats_server::NatsServer;
+use services::telemetry::{self, LogFormat};
+use services::{Bus, YardConfig};
+use tokio_util::sync::CancellationToken;
+
+/// The configuration `yard up` runs when no `--config` is given.
+const DEMO_CONFIG: &str = include_str!("../demo.toml");
+
+#[derive(Parser)]
+#[command(name = "yard", version, about = "Yardmaster: a distributed CI system")]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormatArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role and local agents in one process, with a private nats-server unless
+    /// --nats is given.
+    Up(UpArgs),
+    /// Run a scheduler master.
+    Scheduler(RoleArgs),
+    /// Run an engine master.
+    Engine(RoleArgs),
+    /// Run a UI master.
+    Ui(UiArgs),
+    /// Run an agent.
+    Agent(AgentArgs),
+}
+
+#[derive(Args)]
+struct RoleArgs {
+    /// NATS server URL(s), comma-separated; overrides `[nats] url`.
+    #[arg(long)]
+    nats: Option<String>,
+    /// Configuration file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct UiArgs {
+    #[command(flatten)]
+    role: RoleArgs,
+    /// Address to serve HTTP on; overrides `[http] listen`.
+    #[arg(long)]
+    http: Option<String>,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    role: RoleArgs,
+    /// Agent name; overrides `[agent] name` (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Labels as `key=value,key=value`; added to `[agent] labels`.
+    #[arg(long)]
+    labels: Option<String>,
+    /// Root of the agent's workspaces; overrides `[agent] workdir`.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Fixed speed score instead of measuring one; overrides `[agent] benchmark`.
+    #[arg(long)]
+    benchmark: Option<u64>,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Number of local agents.
+    #[arg(long, default_value_t = 2)]
+    agents: usize,
+    /// Address to serve HTTP on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    /// Configuration file (TOML); default: the bundled demo configuration.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where the private nats-server and the local agents keep their files.
+    #[arg(long, default_value = ".yard")]
+    data_dir: PathBuf,
+    /// Use this NATS deployment instead of starting a private nats-server.
+    #[arg(long)]
+    nats: Option<String>,
+    /// Fixed speed score for the local agents instead of measuring one.
+    #[arg(long)]
+    benchmark: Option<u64>,
+    /// Master roles to run here, comma-separated (`--agents 0 --roles engine` runs a bare
+    /// engine master).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "scheduler,engine,ui"
+    )]
+    roles: Vec<Role>,
+}
+
+/// A master role.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    Scheduler,
+    Engine,
+    Ui,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Scheduler => "scheduler",
+            Role::Engine => "engine",
+            Role::Ui => "ui",
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(match cli.log_format {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    });
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("yard: cannot start the runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("yard: {error:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Up(args) => up(args).await,
+        Command::Scheduler(args) => {
+            let config = load_config(&args, |_| Ok(()))?;
+            run_master(
+                config,
+                &[Role::Scheduler],
+                Vec::new(),
+                services::shutdown::on_signals(),
+            )
+            .await
+        }
+        Command::Engine(args) => {
+            let config = load_config(&args, |_| Ok(()))?;
+            run_master(
+                config,
+                &[Role::Engine],
+                Vec::new(),
+                services::shutdown::on_signals(),
+            )
+            .await
+        }
+        Command::Ui(args) => {
+            let config = load_config(&args.role, |config| {
+                if let Some(http) = &args.http {
+                    config.http.listen = http.clone();
+                }
+                Ok(())
+            })?;
+            run_master(config, &[Role::Ui], Vec::new(), services::shutdown::on_signals()).await
+        }
+        Command::Agent(args) => {
+            let config = load_config(&args.role, |config| {
+                let agent = &mut config.agent;
+                if let Some(name) = &args.name {
+                    agent.name = Some(name.clone());
+                }
+                if let Some(labels) = &args.labels {
+                    agent.labels.extend(parse_labels(labels)?);
+                }
+                if let Some(workdir) = &args.workdir {
+                    agent.workdir = Some(workdir.clone());
+                }
+                if let Some(benchmark) = args.benchmark {
+                    agent.benchmark = Some(benchmark);
+                }
+                Ok(())
+            })?;
+            let bus = connect(&config, "yard-agent").await?;
+            let settings = agent::Settings::from_config(&config.agent, &config.instance.id);
+            agent::run(settings, bus.clone(), services::shutdown::on_signals()).await?;
+            bus.close().await;
+            Ok(())
+        }
+    }
+}
+
+/// Loads configuration in layers (file, environment, then these flags) and validates it.
+fn load_config(
+    args: &RoleArgs,
+    flags: impl FnOnce(&mut YardConfig) -> anyhow::Result<()>,
+) -> anyhow::Result<Arc<YardConfig>> {
+    let mut config = YardConfig::load(args.config.as_deref())?;
+    if let Some(nats) = &args.nats {
+        config.nats.url = nats.clone();
+    }
+    flags(&mut config)?;
+    config.validate()?;
+    // One id for this process, shared by its presence record and its roles.
+    config.masters.id = Some(services::presence::master_id(&config));
+    Ok(Arc::new(config))
+}
+
+fn parse_labels(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                Ok((key.trim().to_owned(), value.trim().to_owned()))
+            }
+            // A bare word is a label that is present, with an empty value.
+            None if !pair.contains('=') => Ok((pair.to_owned(), String::new())),
+            _ => bail!("--labels: {pair:?} is not key=value"),
+        })
+        .collect()
+}
+
+async fn connect(config: &YardConfig, client_name: &str) -> anyhow::Result<Bus> {
+    Ok(Bus::connect(&config.nats, &config.engine, client_name).await?)
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => YardConfig::load(Some(path))?,
+        None => YardConfig::from_toml(Some(DEMO_CONFIG), "bundled demo configuration", std::env::vars())?,
+    };
+    config.http.listen = args.http.clone();
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let nats_server = match &args.nats {
+        Some(url) => {
+            config.nats.url = url.clone();
+            None
+        }
+        None => {
+            let binary = NatsServer::locate_binary()?;
+            let server = NatsServer::start(&binary, &data_dir.join("nats"), None)?;
+            tracing::info!(url = server.url(), binary = %binary.display(), "started a private nats-server");
+            config.nats.url = server.url().to_owned();
+            Some(server)
+        }
+    };
+    config.validate()?;
+    config.masters.id = Some(services::presence::master_id(&config));
+    let config = Arc::new(config);
+    let mut agents = Vec::new();
+    for number in 1..=args.agents {
+        let mut settings = agent::Settings::from_config(&config.agent, &config.instance.id);
+        settings.name = format!("agent-{number}");
+        settings.workdir = data_dir.join("agents").join(&settings.name);
+        settings.benchmark = args.benchmark.or(settings.benchmark);
+        agents.push(settings);
+    }
+    let result = run_master(
+        Arc::clone(&config),
+        &args.roles,
+        agents,
+        services::shutdown::on_signals(),
+    )
+    .await;
+    if let Some(server) = nats_server {
+        server.stop();
+    }
+    result
+}
+
+/// Runs the given master roles and local agents until `shutdown` (a signal or a drain
+/// request). Agents stop last, so the engine can finish the builds it drains.
+async fn run_master(
+    config: Arc<YardConfig>,
+    roles: &[Role],
+    agents: Vec<agent::Settings>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let presence_stop = CancellationToken::new();
+    let presence = if roles.is_empty() {
+        None
+    } else {
+        let bus = connect(&config, "yard-master").await?;
+        let names = roles.iter().map(|role| role.name().to_owned()).collect();
+        Some(services::presence::spawn(
+            bus,
+            &config,
+            names,
+            shutdown.clone(),
+            presence_stop.clone(),
+        ))
+    };
+    let agents_shutdown = CancellationToken::new();
+    let mut agent_tasks = Vec::new();
+    for settings in agents {
+        let bus = connect(&config, &format!("yard-{}", settings.name)).await?;
+        agent_tasks.push(tokio::spawn(agent::run(settings, bus, agents_shutdown.clone())));
+    }
+    let mut role_tasks = Vec::new();
+    for role in roles {
+        let bus = connect(&config, &format!("yard-{}", role.name())).await?;
+        let (config, shutdown) = (Arc::clone(&config), shutdown.clone());
+        role_tasks.push(match role {
+            Role::Scheduler => tokio::spawn(async move {
+                scheduler_master::run(config, bus, shutdown)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }),
+            Role::Engine => tokio::spawn(async move {
+                engine_master::run(config, bus, shutdown)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }),
+            Role::Ui => tokio::spawn(async move {
+                ui_master::run(config, bus, shutdown)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }),
+        });
+    }
+    if roles.contains(&Role::Ui) {
+        println!(
+            "Yardmaster is up: http://{}  (ctrl-c to stop)",
+            config.http.listen
+        );
+    }
+    // A role that fails (say, the HTTP address is taken) stops everything.
+    let mut failure: Option<anyhow::Error> = None;
+    let mut pending = role_tasks;
+    while !pending.is_empty() {
+        let (result, _, rest) = futures::future::select_all(pending).await;
+        pending = rest;
+        let error = match result {
+            Ok(Ok(())) => continue,
+            Ok(Err(error)) => error,
+            Err(panic) => anyhow::anyhow!("a role stopped unexpectedly: {panic}"),
+        };
+        failure.get_or_insert(error);
+        shutdown.cancel();
+    }
+    agents_shutdown.cancel();
+    for task in agent_tasks {
+        if let Ok(Err(error)) = task.await {
+            failure.get_or_insert(error.into());
+        }
+    }
+    presence_stop.cancel();
+    if let Some(presence) = presence {
+        let _ = presence.await;
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,1243 @@
+//! Driving one build: from its claimed request to its finished event, walking its step tree.
+//!
+//! The master step holds an agent matching the builder's `agents` for the whole build. A step
+//! with its own `agents` holds an agent matching it until the step and its children end; a
+//! step without one runs on its parent's agent. Holds are reserved at the agent itself
+//! (`Hold`), which refuses a second build, and counted here so that steps of one build can
+//! share an agent.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use bus_schema::{
+    subjects, AgentCommand, AgentReply, BuildEvent, BuildEventKind, BuildRecord, BuildRequest, BuildResult,
+    LogChunk, LogLine, LogStream, PlannedStep, StepAssignment, StepResult, StepState, WaitRecord,
+};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use services::config::{BuilderConfig, FlatStep, StepKind};
+use services::time::now;
+use services::AgentSelector;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::directory::Acquired;
+use crate::{Engine, StepOutcome};
+
+/// How long an agent has to answer a command.
+const AGENT_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a waiting step refreshes its entry in the waits bucket (whose entries expire).
+const WAIT_REFRESH: Duration = Duration::from_secs(10);
+
+/// Claims one build request and drives the build to its end.
+pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
+    let redelivered = message.info().map(|info| info.delivered > 1).unwrap_or(false);
+    let (message, acker) = message.split();
+    let request: BuildRequest = match bus_schema::decode(&message.payload) {
+        Ok(request) => request,
+        Err(error) => {
+            tracing::warn!(subject = %message.subject, %error, "dropping an undecodable build request");
+            let _ = acker.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let build_id = request.build_id.clone();
+    let cancel = CancellationToken::new();
+    loop {
+        // The entry locks a shard of the map: decide, and let go of it before any await.
+        let claimed_here = match engine.running.entry(build_id.clone()) {
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(cancel.clone());
+                true
+            }
+        };
+        if claimed_here {
+            break;
+        }
+        // Redelivered to the engine that still drives it (its acks were lost while the bus
+        // failed over): the build goes on as it was, and this delivery waits, then adopts
+        // what that driver left (an end stored, or not).
+        keep_claimed_while_running(&engine, &build_id, &acker).await;
+    }
+    if engine.cancel_requests.contains(&build_id) {
+        cancel.cancel();
+    }
+    // The request stays claimed while the build runs: progress acks restart its ack timer.
+    let acker = Arc::new(acker);
+    let keepalive = {
+        let acker = Arc::clone(&acker);
+        let interval = engine.config.engine.claim_timeout / 3;
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                if let Err(error) = acker.ack_with(AckKind::Progress).await {
+                    tracing::debug!(%error, "progress ack not sent");
+                }
+            }
+        })
+    };
+    let uses_pools = engine.config.builder(&request.builder).is_some_and(|builder| {
+        builder
+            .flat_steps()
+            .iter()
+            .any(|step| step.step.kind() == StepKind::Acquire)
+    });
+    // A build holding pool servers keeps its holds fresh while it runs.
+    let pool_refresh = uses_pools.then(|| {
+        let engine = Arc::clone(&engine);
+        let build_id = build_id.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(crate::pools::REFRESH_EVERY);
+            loop {
+                ticker.tick().await;
+                if let Err(error) = crate::pools::release_or_refresh_all(&engine, &build_id, true).await {
+                    tracing::warn!(build = %build_id, %error, "pool holds not refreshed");
+                }
+            }
+        })
+    });
+    let mut properties = BTreeMap::new();
+    if let Some(builder) = engine.config.builder(&request.builder) {
+        properties.extend(builder.properties.clone());
+    }
+    properties.extend(request.properties.clone());
+    let driver = BuildDriver {
+        engine: Arc::clone(&engine),
+        request,
+        cancel,
+        attempt: AtomicU32::new(0),
+        holds: Mutex::new(HashMap::new()),
+        properties: Mutex::new(properties),
+        pending_acks: Mutex::new(Vec::new()),
+    };
+    // An adopted build continues from what its events say; if they cannot be read now (the
+    // bus failing over), it must not start over as if new: leave it claimed but unfinished,
+    // for this or another engine to adopt once the bus answers.
+    let prior = match driver.prior_if_adopted(redelivered).await {
+        Ok(prior) => prior,
+        Err(()) => {
+            tracing::warn!(build = %build_id, "cannot read an adopted build's events; leaving it for later");
+            None
+        }
+    };
+    // A build whose engine lives on lost its claim only because its acks did not get through
+    // (a NATS node failing over): that engine still drives it, so leave it be and look again
+    // after a claim timeout. Only a build whose engine is gone is adopted.
+    let driven_elsewhere = prior.as_ref().is_some_and(|record| {
+        record.result.is_none()
+            && record
+                .claimed_by
+                .last()
+                .is_some_and(|claimer| engine.other_engine_alive(claimer))
+    });
+    if (redelivered && prior.is_none()) || driven_elsewhere {
+        if driven_elsewhere {
+            tracing::debug!(build = %build_id, "redelivered, but its engine is alive; leaving it to that engine");
+        }
+        keepalive.abort();
+        if let Some(task) = pool_refresh {
+            task.abort();
+        }
+        engine.running.remove(&build_id);
+        let _ = acker
+            .ack_with(AckKind::Nak(Some(engine.config.engine.claim_timeout)))
+            .await;
+        return;
+    }
+    let ending = driver.run(prior).await;
+    driver.release_all().await;
+    if let Some(task) = pool_refresh {
+        task.abort();
+    }
+    // Every pool server the build acquired goes back, whatever its result.
+    if uses_pools {
+        match crate::pools::release_or_refresh_all(&engine, &build_id, false).await {
+            Ok(servers) if !servers.is_empty() => {
+                tracing::debug!(build = %build_id, ?servers, "pool servers released at the end of the build");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(build = %build_id, %error, "pool servers not released; they expire"),
+        }
+    }
+    if let Some((result, message)) = ending {
+        // The build stays claimed by this (live) engine until its end is stored, so no other
+        // engine adopts it meanwhile: keep asking the bus. Killed here, the engine leaves it
+        // to be adopted.
+        while !driver.finish(result, message.clone()).await {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    driver.flush_events().await;
+    keepalive.abort();
+    engine.running.remove(&build_id);
+    engine.deadlock_victims.remove(&build_id);
+    // Only now, with the build's end stored, does the request leave the work queue. Retried:
+    // an unacknowledged request would be adopted again after the claim timeout.
+    for try_number in 1..=10u32 {
+        match acker.double_ack().await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::debug!(build = %build_id, %error, try_number, "request ack not confirmed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(try_number))).await;
+            }
+        }
+    }
+}
+
+/// Keeps a second delivery of a build request this engine already drives claimed until that
+/// driver lets go of the build.
+async fn keep_claimed_while_running(engine: &Engine, build_id: &str, acker: &jetstream::message::Acker) {
+    tracing::debug!(build = %build_id, "request redelivered to the engine driving it");
+    let mut ticker = tokio::time::interval(engine.config.engine.claim_timeout / 3);
+    let mut check = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if let Err(error) = acker.ack_with(AckKind::Progress).await {
+                    tracing::debug!(%error, "progress ack not sent");
+                }
+            }
+            _ = check.tick() => {
+                if !engine.running.contains_key(build_id) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// An agent the build holds: how many of its steps hold it, and the agent's session.
+struct Hold {
+    count: u32,
+    session: String,
+}
+
+/// How a step (or the master step) ended.
+#[derive(Debug, Clone)]
+enum NodeEnd {
+    Done(StepOutcome),
+    Cancelled,
+    /// An agent holding the build's work was lost; the build may start over.
+    AgentLost(String),
+}
+
+/// How one attempt of a build ended.
+enum AttemptEnd {
+    Done((BuildResult, Option<String>)),
+    AgentLost(String),
+}
+
+struct BuildDriver {
+    engine: Arc<Engine>,
+    request: BuildRequest,
+    cancel: CancellationToken,
+    /// The attempt running now: 0, then one more for each retry after a lost agent.
+    attempt: AtomicU32,
+    holds: Mutex<HashMap<String, Hold>>,
+    /// Build properties: builder defaults, the request's, and those set while it runs.
+    properties: Mutex<BTreeMap<String, String>>,
+    /// Events published but not yet confirmed stored, kept to publish again on failure.
+    pending_acks: Mutex<Vec<(BuildEventKind, jetstream::context::PublishAckFuture)>>,
+}
+
+impl BuildDriver {
+    fn id(&self) -> &str {
+        &self.request.build_id
+    }
+
+    fn attempt(&self) -> u32 {
+        self.attempt.load(Ordering::SeqCst)
+    }
+
+    fn holds(&self) -> std::sync::MutexGuard<'_, HashMap<String, Hold>> {
+        self.holds.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Publishes an event without waiting for it to be stored; [`Self::flush_events`] makes
+    /// sure it was.
+    async fn publish(&self, kind: BuildEventKind) {
+        match self.engine.bus.publish_event(self.id(), kind.clone()).await {
+            Ok(ack) => self
+                .pending_acks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push((kind, ack)),
+            Err(error) => {
+                tracing::warn!(build = %self.id(), %error, "event not published; storing it again");
+                self.store_with_retries(kind).await;
+            }
+        }
+    }
+
+    /// Waits until every published event is stored, publishing again those that were not. The
+    /// fold is order-tolerant, so an event stored late still lands right.
+    async fn flush_events(&self) {
+        let pending = std::mem::take(
+            &mut *self
+                .pending_acks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for (kind, ack) in pending {
+            if let Err(error) = ack.into_future().await {
+                tracing::warn!(build = %self.id(), %error, "event not stored; storing it again");
+                self.store_with_retries(kind).await;
+            }
+        }
+    }
+
+    /// Stores an event, retrying with backoff while the bus refuses it; false if it gave up.
+    async fn store_with_retries(&self, kind: BuildEventKind) -> bool {
+        let mut delay = Duration::from_millis(50);
+        for try_number in 1..=20 {
+            match self.engine.bus.store_event(self.id(), kind.clone()).await {
+                Ok(_) => return true,
+                Err(error) => {
+                    tracing::warn!(build = %self.id(), %error, try_number, "event not stored; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::error!(build = %self.id(), ?kind, "event not stored: the bus did not take it");
+        false
+    }
+
+    /// The build's state from its events when it was redelivered (adopted); `Err` if they
+    /// cannot be read now.
+    async fn prior_if_adopted(&self, redelivered: bool) -> Result<Option<BuildRecord>, ()> {
+        if !redelivered {
+            return Ok(None);
+        }
+        for _ in 0..30 {
+            if let Some(prior) = self.prior_state().await {
+                return Ok(Some(prior));
+            }
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Err(())
+    }
+
+    /// Runs the build; returns how it ended, or `None` if it had already ended (a redelivered
+    /// request whose build another engine finished).
+    async fn run(&self, mut prior: Option<BuildRecord>) -> Option<(BuildResult, Option<String>)> {
+        let engine = Arc::clone(&self.engine);
+        if let Some(record) = &prior {
+            // Properties set by steps before an adoption (acquired servers) still hold.
+            self.properties
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .extend(record.properties.clone());
+        }
+        if let Some(record) = prior.as_ref().filter(|record| record.result.is_some()) {
+            // Its engine stored the end but died before letting go of the agents.
+            self.adopt_holds(record);
+            return None;
+        }
+        let Some(builder) = engine.config.builder(&self.request.builder) else {
+            return Some((
+                BuildResult::Exception,
+                Some(format!(
+                    "builder {:?} is not configured on engine {}",
+                    self.request.builder, engine.id
+                )),
+            ));
+        };
+        let selector = match builder.selector() {
+            Ok(selector) => selector,
+            Err(error) => {
+                return Some((
+                    BuildResult::Exception,
+                    Some(format!("bad agents expression: {error}")),
+                ))
+            }
+        };
+        let flat = builder.flat_steps();
+        self.publish(BuildEventKind::Claimed {
+            engine: engine.id.clone(),
+            steps: plan(&flat),
+        })
+        .await;
+        self.attempt
+            .store(prior.as_ref().map_or(0, BuildRecord::attempt), Ordering::SeqCst);
+        loop {
+            if let Some(record) = &prior {
+                self.adopt_holds(record);
+            }
+            match self.run_attempt(builder, &selector, &flat, prior.as_ref()).await {
+                AttemptEnd::Done(ending) => return Some(ending),
+                AttemptEnd::AgentLost(reason) if self.attempt() < builder.retries => {
+                    let attempt = self.attempt.fetch_add(1, Ordering::SeqCst) + 1;
+                    tracing::warn!(build = %self.id(), attempt, %reason, "agent lost; retrying the build");
+                    // If the agents are only cut off, they must not keep the build's work.
+                    self.release_all().await;
+                    self.flush_events().await;
+                    // Stored before the new attempt's steps start, so the fold files the old
+                    // steps under this retry and not the new ones.
+                    if !self
+                        .store_with_retries(BuildEventKind::Retrying { attempt, reason })
+                        .await
+                    {
+                        return Some((
+                            BuildResult::Exception,
+                            Some("the bus did not store the retry".into()),
+                        ));
+                    }
+                    prior = None;
+                }
+                AttemptEnd::AgentLost(reason) => {
+                    return Some((
+                        BuildResult::Lost,
+                        Some(format!("{reason}; no retries left ({} allowed)", builder.retries)),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Counts as held the agents an earlier engine reserved for this build (adoption).
+    fn adopt_holds(&self, record: &BuildRecord) {
+        let mut holds = self.holds();
+        for agent in record
+            .agent
+            .iter()
+            .chain(record.steps.iter().filter_map(|s| s.agent.as_ref()))
+        {
+            holds.entry(agent.clone()).or_insert(Hold {
+                count: 0,
+                session: String::new(),
+            });
+        }
+    }
+
+    /// Runs the whole step tree once under the master step, skipping steps `prior` shows
+    /// finished.
+    async fn run_attempt(
+        &self,
+        builder: &BuilderConfig,
+        selector: &AgentSelector,
+        flat: &[FlatStep<'_>],
+        prior: Option<&BuildRecord>,
+    ) -> AttemptEnd {
+        if self.cancel.is_cancelled() {
+            self.skip(all_steps(flat)).await;
+            return AttemptEnd::Done((BuildResult::Cancelled, Some("cancelled before it started".into())));
+        }
+        let master = match self.hold_agent(builder, selector, None).await {
+            Some(agent) => agent,
+            None => {
+                self.skip(all_steps(flat)).await;
+                return AttemptEnd::Done(self.cancelled_ending());
+            }
+        };
+        self.publish(BuildEventKind::MasterAgent {
+            agent: master.clone(),
+        })
+        .await;
+        let top = top_steps(flat);
+        let end = self.run_sequence(builder, flat, &top, &master, prior).await;
+        self.release_hold(&master).await;
+        match end {
+            NodeEnd::Done(outcome) if outcome.result == StepResult::Success => {
+                AttemptEnd::Done((BuildResult::Success, None))
+            }
+            NodeEnd::Done(outcome) => AttemptEnd::Done((build_result(outcome.result), outcome.message)),
+            NodeEnd::Cancelled => AttemptEnd::Done(self.cancelled_ending()),
+            NodeEnd::AgentLost(reason) => AttemptEnd::AgentLost(reason),
+        }
+    }
+
+    /// How a cancelled build ends: `deadlock` when it was cancelled to break one.
+    fn cancelled_ending(&self) -> (BuildResult, Option<String>) {
+        match self.engine.deadlock_victims.get(self.id()) {
+            Some(cycle) => (BuildResult::Deadlock, Some(cycle.value().clone())),
+            None => (BuildResult::Cancelled, Some("cancelled".into())),
+        }
+    }
+
+    /// Runs steps one after another; after the first that does not succeed, skips the rest.
+    async fn run_sequence(
+        &self,
+        builder: &BuilderConfig,
+        flat: &[FlatStep<'_>],
+        steps: &[u32],
+        agent: &str,
+        prior: Option<&BuildRecord>,
+    ) -> NodeEnd {
+        let mut end = NodeEnd::Done(StepOutcome {
+            result: StepResult::Success,
+            message: None,
+        });
+        for (position, index) in steps.iter().enumerate() {
+            let step_end = self.run_node(builder, flat, *index, agent, prior).await;
+            match &step_end {
+                NodeEnd::Done(outcome) if outcome.result == StepResult::Success => continue,
+                NodeEnd::Done(outcome) => {
+                    let name = &flat[*index as usize].path;
+                    let detail = outcome
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| format!("{:?}", outcome.result));
+                    end = NodeEnd::Done(StepOutcome {
+                        result: outcome.result,
+                        message: Some(format!("step {name:?}: {detail}")),
+                    });
+                }
+                _ => end = step_end.clone(),
+            }
+            self.skip(subtree(flat, &steps[position + 1..])).await;
+            break;
+        }
+        end
+    }
+
+    /// Runs one step (and its children), on its own agent if it names one, else on `parent`'s.
+    fn run_node<'a>(
+        &'a self,
+        builder: &'a BuilderConfig,
+        flat: &'a [FlatStep<'a>],
+        index: u32,
+        parent_agent: &'a str,
+        prior: Option<&'a BuildRecord>,
+    ) -> BoxFuture<'a, NodeEnd> {
+        async move {
+            let node = &flat[index as usize];
+            if let Some(done) = prior.and_then(|record| finished_step(record, index)) {
+                return NodeEnd::Done(done);
+            }
+            if self.cancel.is_cancelled() {
+                self.skip(subtree(flat, &[index])).await;
+                return NodeEnd::Cancelled;
+            }
+            let own_selector = match node.step.agents.as_deref().map(|agents| {
+                AgentSelector::parse(&services::config::substitute(agents, &self.properties_now()))
+            }) {
+                Some(Ok(selector)) => Some(selector),
+                Some(Err(error)) => {
+                    return NodeEnd::Done(exception(format!("bad agents expression: {error}")));
+                }
+                None => None,
+            };
+            let own_agent = match &own_selector {
+                Some(selector) => match self.hold_agent(builder, selector, Some(node)).await {
+                    Some(agent) => Some(agent),
+                    None => {
+                        self.skip(subtree(flat, &[index])).await;
+                        return NodeEnd::Cancelled;
+                    }
+                },
+                None => None,
+            };
+            let agent = own_agent.as_deref().unwrap_or(parent_agent);
+            let end = match node.step.kind() {
+                StepKind::Command => self.run_command(builder, node, agent).await,
+                StepKind::Acquire | StepKind::Release => self.run_pool_step(node).await,
+                StepKind::Sequence | StepKind::Parallel => {
+                    self.publish(BuildEventKind::StepStarted {
+                        index,
+                        attempt: self.attempt(),
+                        agent: agent.to_owned(),
+                    })
+                    .await;
+                    let end = if node.step.kind() == StepKind::Sequence {
+                        self.run_sequence(builder, flat, &node.children, agent, prior)
+                            .await
+                    } else {
+                        let mut children = Vec::with_capacity(node.children.len());
+                        for child in &node.children {
+                            children.push(self.run_node(builder, flat, *child, agent, prior));
+                        }
+                        combine(futures::future::join_all(children).await)
+                    };
+                    if let NodeEnd::Done(outcome) = &end {
+                        self.publish(BuildEventKind::StepFinished {
+                            index,
+                            attempt: self.attempt(),
+                            result: outcome.result,
+                            exit_code: None,
+                            message: outcome.message.clone(),
+                        })
+                        .await;
+                    }
+                    end
+                }
+            };
+            if let Some(agent) = own_agent {
+                self.release_hold(&agent).await;
+            }
+            end
+        }
+        .boxed()
+    }
+
+    fn properties_now(&self) -> BTreeMap<String, String> {
+        self.properties
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Acquires or releases a pool server; the engine does this itself, on no agent.
+    async fn run_pool_step(&self, node: &FlatStep<'_>) -> NodeEnd {
+        let index = node.index;
+        let attempt = self.attempt();
+        if let Some(acquire) = &node.step.acquire {
+            self.publish(BuildEventKind::StepWaiting {
+                index,
+                attempt,
+                reason: format!(
+                    "waiting for a server of pool {} ({} scope)",
+                    acquire.role,
+                    acquire.scope.as_str()
+                ),
+            })
+            .await;
+            // The wait is on record while it lasts, so that pool waits take part in deadlock
+            // detection.
+            let key = subjects::wait_key(self.id(), attempt, Some(index));
+            let record = WaitRecord {
+                build_id: self.id().to_owned(),
+                builder: self.request.builder.clone(),
+                step: node.path.clone(),
+                agents: String::new(),
+                engine: self.engine.id.clone(),
+                requested_at: self.request.requested_at,
+                priority: self.request.priority,
+                deadlock_policy: self
+                    .engine
+                    .config
+                    .builder(&self.request.builder)
+                    .map_or("fail-newest", |builder| builder.deadlock.as_str())
+                    .to_owned(),
+                since: now(),
+                pool: Some(acquire.role.clone()),
+            };
+            let refresh = {
+                let store = self.engine.bus.waits.clone();
+                let key = key.clone();
+                let payload = bytes::Bytes::from(bus_schema::encode(&record));
+                tokio::spawn(async move {
+                    let mut ticker = tokio::time::interval(WAIT_REFRESH);
+                    loop {
+                        ticker.tick().await;
+                        let _ = store.put(&key, payload.clone()).await;
+                    }
+                })
+            };
+            let acquired = crate::pools::acquire(
+                &self.engine,
+                self.id(),
+                &node.path,
+                &acquire.role,
+                acquire.scope,
+                &self.cancel,
+            )
+            .await;
+            refresh.abort();
+            let _ = self.engine.bus.waits.delete(&key).await;
+            let server = match acquired {
+                Ok(Some(server)) => server,
+                Ok(None) => {
+                    if let Some(cycle) = self
+                        .engine
+                        .deadlock_victims
+                        .get(self.id())
+                        .map(|c| c.value().clone())
+                    {
+                        self.log_note(index, format!("ended to break a {cycle}")).await;
+                    }
+                    return NodeEnd::Cancelled;
+                }
+                Err(error) => return NodeEnd::Done(exception(format!("pool {}: {error}", acquire.role))),
+            };
+            self.properties
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(acquire.property.clone(), server.clone());
+            self.publish(BuildEventKind::StepStarted {
+                index,
+                attempt,
+                agent: String::new(),
+            })
+            .await;
+            self.publish(BuildEventKind::PropertySet {
+                name: acquire.property.clone(),
+                value: server.clone(),
+            })
+            .await;
+            let message = format!(
+                "acquired server {server} of pool {} ({} scope) as {}",
+                acquire.role,
+                acquire.scope.as_str(),
+                acquire.property
+            );
+            self.log_note(index, message.clone()).await;
+            return self.pool_step_done(index, message).await;
+        }
+        let Some(release) = &node.step.release else {
+            return NodeEnd::Done(exception("not a pool step".into()));
+        };
+        self.publish(BuildEventKind::StepStarted {
+            index,
+            attempt,
+            agent: String::new(),
+        })
+        .await;
+        let server = services::config::substitute(&release.server, &self.properties_now());
+        let message = match crate::pools::release(&self.engine, self.id(), &release.role, &server).await {
+            Ok(true) => format!("released server {server} of pool {}", release.role),
+            Ok(false) => format!(
+                "warning: server {server:?} of pool {} is not held by this build; nothing was released",
+                release.role
+            ),
+            Err(error) => return NodeEnd::Done(exception(format!("pool {}: {error}", release.role))),
+        };
+        self.log_note(index, message.clone()).await;
+        self.pool_step_done(index, message).await
+    }
+
+    async fn pool_step_done(&self, index: u32, message: String) -> NodeEnd {
+        self.publish(BuildEventKind::StepFinished {
+            index,
+            attempt: self.attempt(),
+            result: StepResult::Success,
+            exit_code: None,
+            message: Some(message.clone()),
+        })
+        .await;
+        NodeEnd::Done(StepOutcome {
+            result: StepResult::Success,
+            message: Some(message),
+        })
+    }
+
+    /// Publishes `skipped` for the given steps.
+    async fn skip(&self, steps: Vec<u32>) {
+        for index in steps {
+            self.publish(BuildEventKind::StepSkipped {
+                index,
+                attempt: self.attempt(),
+            })
+            .await;
+        }
+    }
+
+    /// The build as its events so far describe it.
+    async fn prior_state(&self) -> Option<BuildRecord> {
+        let messages = self
+            .engine
+            .bus
+            .read_all(subjects::EVENTS_STREAM, &subjects::events_of_build(self.id()))
+            .await
+            .map_err(|error| tracing::warn!(build = %self.id(), %error, "cannot read the build's events"))
+            .ok()?;
+        let mut record = BuildRecord::requested(&self.request);
+        for message in messages {
+            if let Ok(event) = bus_schema::decode::<BuildEvent>(&message.payload) {
+                record.apply(&event);
+            }
+        }
+        Some(record)
+    }
+
+    /// Holds an agent matching `selector` for the build, waiting (and saying why, on the bus
+    /// and in the waits bucket) while none is free. `step` is `None` for the master step.
+    /// `None` if the build was cancelled while it waited.
+    async fn hold_agent(
+        &self,
+        builder: &BuilderConfig,
+        selector: &AgentSelector,
+        step: Option<&FlatStep<'_>>,
+    ) -> Option<String> {
+        loop {
+            let acquired = self.engine.directory.acquire(
+                self.id(),
+                selector,
+                self.request.priority,
+                self.request.requested_at,
+            );
+            let name = match acquired {
+                Acquired::Agent(name) => name,
+                Acquired::Wait { ready, reason } => {
+                    self.wait_for_agent(builder, selector, step, ready, reason)
+                        .await?
+                }
+            };
+            if let Some(hold) = self.holds().get_mut(&name) {
+                hold.count += 1;
+                return Some(name);
+            }
+            match self
+                .command(
+                    &name,
+                    AgentCommand::Hold {
+                        build_id: self.id().to_owned(),
+                    },
+                )
+                .await
+            {
+                Ok(AgentReply::Accepted { session }) => {
+                    self.engine.directory.answered(&name, &session);
+                    self.holds().insert(name.clone(), Hold { count: 1, session });
+                    return Some(name);
+                }
+                Ok(AgentReply::Busy { build_id: other }) => {
+                    // Another engine's build got the agent first: pick another.
+                    self.engine.directory.mark_busy(&name, self.id(), &other);
+                }
+                Ok(reply) => {
+                    tracing::warn!(build = %self.id(), agent = %name, ?reply, "agent refused a hold");
+                    self.engine.directory.mark_unreachable(&name);
+                }
+                Err(error) => {
+                    tracing::warn!(build = %self.id(), agent = %name, %error, "agent did not answer a hold");
+                    self.engine.directory.mark_unreachable(&name);
+                }
+            }
+            if self.cancel.is_cancelled() {
+                return None;
+            }
+        }
+    }
+
+    /// Waits for the directory to hand over an agent, recording the wait on the bus.
+    async fn wait_for_agent(
+        &self,
+        builder: &BuilderConfig,
+        selector: &AgentSelector,
+        step: Option<&FlatStep<'_>>,
+        mut ready: oneshot::Receiver<String>,
+        reason: String,
+    ) -> Option<String> {
+        let attempt = self.attempt();
+        tracing::debug!(build = %self.id(), %reason, "waiting for an agent");
+        match step {
+            None => self.publish(BuildEventKind::Waiting { reason }).await,
+            Some(node) => {
+                self.publish(BuildEventKind::StepWaiting {
+                    index: node.index,
+                    attempt,
+                    reason,
+                })
+                .await
+            }
+        }
+        let key = subjects::wait_key(self.id(), attempt, step.map(|node| node.index));
+        let record = WaitRecord {
+            build_id: self.id().to_owned(),
+            builder: builder.name.clone(),
+            step: step.map(|node| node.path.clone()).unwrap_or_default(),
+            agents: selector.source().to_owned(),
+            engine: self.engine.id.clone(),
+            requested_at: self.request.requested_at,
+            priority: self.request.priority,
+            deadlock_policy: builder.deadlock.as_str().to_owned(),
+            since: now(),
+            pool: None,
+        };
+        let payload = bytes::Bytes::from(bus_schema::encode(&record));
+        let mut refresh = tokio::time::interval(WAIT_REFRESH);
+        let agent = loop {
+            tokio::select! {
+                agent = &mut ready => break agent.ok(),
+                _ = self.cancel.cancelled() => {
+                    self.engine.directory.forget_waiter(self.id());
+                    let deadlock = self.engine.deadlock_victims.get(self.id()).map(|cycle| cycle.value().clone());
+                    if let (Some(cycle), Some(node)) = (deadlock, step) {
+                        self.log_note(node.index, format!("ended to break a {cycle}")).await;
+                    }
+                    break None;
+                }
+                _ = refresh.tick() => {
+                    if let Err(error) = self.engine.bus.waits.put(&key, payload.clone()).await {
+                        tracing::debug!(%error, "wait not recorded");
+                    }
+                }
+            }
+        };
+        for try_number in 1..=5u64 {
+            match self.engine.bus.waits.delete(&key).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::debug!(%error, try_number, "wait not removed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * try_number)).await;
+                }
+            }
+        }
+        agent
+    }
+
+    /// Gives back one hold of `agent`; the agent is released when no step holds it.
+    async fn release_hold(&self, agent: &str) {
+        let last = {
+            let mut holds = self.holds();
+            match holds.get_mut(agent) {
+                Some(hold) if hold.count > 1 => {
+                    hold.count -= 1;
+                    false
+                }
+                Some(_) => {
+                    holds.remove(agent);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            self.release(agent).await;
+        }
+    }
+
+    /// Releases every agent the build still holds.
+    async fn release_all(&self) {
+        let agents: Vec<String> = self.holds().drain().map(|(agent, _)| agent).collect();
+        for agent in agents {
+            self.release(&agent).await;
+        }
+    }
+
+    async fn release(&self, agent: &str) {
+        let command = AgentCommand::Release {
+            build_id: self.id().to_owned(),
+        };
+        if let Err(error) = self.command_until_lost(agent, command).await {
+            tracing::warn!(build = %self.id(), %agent, %error, "release not delivered");
+        }
+        self.engine.directory.release(agent, self.id());
+    }
+
+    /// Runs one command step on `agent`, which the build holds.
+    async fn run_command(&self, builder: &BuilderConfig, node: &FlatStep<'_>, agent: &str) -> NodeEnd {
+        let index = node.index;
+        let attempt = self.attempt();
+        let assignment = StepAssignment {
+            build_id: self.id().to_owned(),
+            builder: builder.name.clone(),
+            index,
+            attempt,
+            name: node.path.clone(),
+            command: node.step.run.clone().unwrap_or_default(),
+            env: self.step_env(builder, node),
+            timeout_ms: node.step.timeout.map(|timeout| timeout.as_millis() as u64),
+        };
+        let (result_tx, result_rx) = oneshot::channel();
+        let key = (self.id().to_owned(), attempt, index);
+        self.engine.step_results.insert(key.clone(), result_tx);
+        match self
+            .command_until_lost(agent, AgentCommand::RunStep(assignment))
+            .await
+        {
+            Ok(AgentReply::Accepted { session }) => {
+                self.engine.directory.answered(agent, &session);
+                if let Some(hold) = self.holds().get_mut(agent) {
+                    hold.session.clone_from(&session);
+                }
+                self.await_step(agent, &session, index, result_rx).await
+            }
+            Ok(AgentReply::AlreadyFinished { .. }) => {
+                self.engine.step_results.remove(&key);
+                match self.recorded_outcome(index).await {
+                    Some(outcome) => NodeEnd::Done(outcome),
+                    None => NodeEnd::Done(exception(format!(
+                        "agent {agent} ran the step but its result is missing"
+                    ))),
+                }
+            }
+            Ok(AgentReply::Busy { build_id: other }) => {
+                self.engine.step_results.remove(&key);
+                self.engine.directory.mark_busy(agent, self.id(), &other);
+                NodeEnd::AgentLost(format!("agent {agent} now serves build {other}"))
+            }
+            Ok(AgentReply::Refused { reason }) => {
+                self.engine.step_results.remove(&key);
+                NodeEnd::Done(exception(format!("agent {agent} refused the step: {reason}")))
+            }
+            Err(error) => {
+                self.engine.step_results.remove(&key);
+                self.engine.directory.mark_unreachable(agent);
+                NodeEnd::AgentLost(format!("agent {agent} is unreachable: {error}"))
+            }
+        }
+    }
+
+    /// Waits for the step's result; cancels it when the build is cancelled; declares the agent
+    /// lost when it stops heartbeating and does not answer a ping.
+    async fn await_step(
+        &self,
+        agent: &str,
+        session: &str,
+        index: u32,
+        mut result_rx: oneshot::Receiver<StepOutcome>,
+    ) -> NodeEnd {
+        let attempt = self.attempt();
+        let mut liveness = tokio::time::interval(Duration::from_secs(1));
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cancel_sent = false;
+        let mut checks: u64 = 0;
+        let mut last_heard = tokio::time::Instant::now();
+        let key = (self.id().to_owned(), attempt, index);
+        loop {
+            tokio::select! {
+                outcome = &mut result_rx => {
+                    return NodeEnd::Done(match outcome {
+                        Ok(outcome) => outcome,
+                        Err(_) => self.recorded_outcome(index).await.unwrap_or_else(|| exception("step result lost".into())),
+                    });
+                }
+                _ = self.cancel.cancelled(), if !cancel_sent => {
+                    cancel_sent = true;
+                    let command = AgentCommand::CancelStep { build_id: self.id().to_owned(), attempt, index };
+                    if let Err(error) = self.command_until_lost(agent, command).await {
+                        tracing::warn!(build = %self.id(), %agent, %error, "cancel not delivered");
+                    }
+                }
+                _ = liveness.tick() => {
+                    checks += 1;
+                    // Heartbeats can fail to be stored for a moment (a NATS node failing over)
+                    // while the agent is fine: ask the agent itself before giving up on it.
+                    if self.engine.directory.agent_alive(agent, session)
+                        || self.answers_ping(agent, session).await
+                    {
+                        last_heard = tokio::time::Instant::now();
+                    }
+                    // Silent for agent_timeout (the bucket says so) and no answer to pings for
+                    // a third of that again: lost.
+                    let alive = last_heard.elapsed() < self.engine.config.engine.agent_timeout / 3;
+                    // A result the follower missed (a reconnect) is found on the bus; look
+                    // now and then, and always before declaring the agent lost.
+                    if !alive || checks.is_multiple_of(10) {
+                        if let Some(outcome) = self.recorded_outcome(index).await {
+                            self.engine.step_results.remove(&key);
+                            return NodeEnd::Done(outcome);
+                        }
+                    }
+                    if !alive {
+                        self.engine.step_results.remove(&key);
+                        return NodeEnd::AgentLost(format!(
+                            "agent {agent} was lost while running step {index} (no heartbeat for {}s, no answer to pings)",
+                            self.engine.config.engine.agent_timeout.as_secs()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// True if the agent answers a ping from the same session.
+    async fn answers_ping(&self, agent: &str, session: &str) -> bool {
+        let answered = matches!(
+            self.command(agent, AgentCommand::Ping).await,
+            Ok(AgentReply::Accepted { session: answered }) if answered == session
+        );
+        if answered {
+            self.engine.directory.answered(agent, session);
+        }
+        answered
+    }
+
+    /// The step's result in the current attempt, if it is already on the bus.
+    async fn recorded_outcome(&self, index: u32) -> Option<StepOutcome> {
+        let record = self.prior_state().await?;
+        if record.attempt() != self.attempt() {
+            return None;
+        }
+        finished_step(&record, index)
+    }
+
+    async fn command(&self, agent: &str, command: AgentCommand) -> Result<AgentReply, String> {
+        let payload = bytes::Bytes::from(bus_schema::encode(&command));
+        let reply = tokio::time::timeout(
+            AGENT_REPLY_TIMEOUT,
+            self.engine
+                .bus
+                .client
+                .request(subjects::agent_commands(agent), payload),
+        )
+        .await
+        .map_err(|_| format!("no answer within {} s", AGENT_REPLY_TIMEOUT.as_secs()))?
+        .map_err(|error| error.to_string())?;
+        bus_schema::decode(&reply.payload).map_err(|error| error.to_string())
+    }
+
+    /// Sends an idempotent command to an agent the build already depends on, asking again
+    /// while the agent may still be alive: a NATS node failing over or the agent reconnecting
+    /// loses requests for a few seconds, and that must not count as a lost agent. Gives up
+    /// once the agent has neither answered nor heartbeated for `agent_timeout`.
+    async fn command_until_lost(&self, agent: &str, command: AgentCommand) -> Result<AgentReply, String> {
+        let agent_timeout = self.engine.config.engine.agent_timeout;
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let error = match self.command(agent, command.clone()).await {
+                Ok(reply) => return Ok(reply),
+                Err(error) => error,
+            };
+            let elapsed = started.elapsed();
+            let heard_recently = self.engine.directory.heard_within(agent, agent_timeout);
+            if (elapsed >= agent_timeout && !heard_recently) || elapsed >= 3 * agent_timeout {
+                return Err(error);
+            }
+            tracing::debug!(build = %self.id(), %agent, %error, "agent did not answer; asking again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Stores the build's end; false if the bus would not take it.
+    async fn finish(&self, result: BuildResult, message: Option<String>) -> bool {
+        self.flush_events().await;
+        self.store_with_retries(BuildEventKind::Finished { result, message })
+            .await
+    }
+
+    /// Writes a line of Yardmaster's own into a step's log (a step ended to break a deadlock
+    /// has no agent output to carry it).
+    async fn log_note(&self, index: u32, text: String) {
+        let chunk = LogChunk {
+            build_id: self.id().to_owned(),
+            index,
+            seq: 0,
+            attempt: self.attempt(),
+            lines: vec![LogLine {
+                stream: LogStream::Header,
+                text,
+            }],
+        };
+        let subject = subjects::step_log(self.id(), index);
+        if let Ok(ack) = self
+            .engine
+            .bus
+            .jetstream
+            .publish(subject, bus_schema::encode(&chunk).into())
+            .await
+        {
+            let _ = ack.into_future().await;
+        }
+    }
+
+    /// The step's environment: the step's own `env`, then build properties (builder defaults
+    /// overridden by the request's), then Yardmaster's `YARD_*` variables, which cannot be
+    /// overridden. Values are passed as the environment, never spliced into shell text.
+    fn step_env(&self, builder: &BuilderConfig, node: &FlatStep<'_>) -> BTreeMap<String, String> {
+        let _ = builder;
+        let mut env = node.step.env.clone();
+        for (name, value) in &self.properties_now() {
+            if services::config::is_env_name(name) && !name.starts_with("YARD_") {
+                env.insert(name.clone(), value.clone());
+            }
+        }
+        let request = &self.request;
+        env.insert("YARD_BUILD_ID".into(), request.build_id.clone());
+        env.insert("YARD_BUILDER".into(), request.builder.clone());
+        env.insert("YARD_STEP".into(), node.path.clone());
+        env.insert("YARD_BUILD_REASON".into(), request.reason.clone());
+        if let Some(change) = request.changes.last() {
+            env.insert("YARD_CHANGE_ID".into(), change.id.clone());
+            env.insert("YARD_REPOSITORY".into(), change.repository.clone());
+            env.insert("YARD_BRANCH".into(), change.branch.clone());
+            env.insert("YARD_REVISION".into(), change.revision.clone());
+            env.insert("YARD_AUTHOR".into(), change.author.clone());
+            env.insert("YARD_PROJECT".into(), change.project.clone());
+            env.insert("YARD_COMMENTS".into(), change.comments.clone());
+        }
+        env
+    }
+}
+
+/// The plan announced when the build is claimed: every step, depth-first.
+fn plan(flat: &[FlatStep<'_>]) -> Vec<PlannedStep> {
+    flat.iter()
+        .map(|step| PlannedStep {
+            name: step.step.name.clone(),
+            path: step.path.clone(),
+            kind: step.step.kind().as_str().to_owned(),
+        })
+        .collect()
+}
+
+fn all_steps(flat: &[FlatStep<'_>]) -> Vec<u32> {
+    flat.iter().map(|step| step.index).collect()
+}
+
+fn top_steps(flat: &[FlatStep<'_>]) -> Vec<u32> {
+    flat.iter()
+        .filter(|step| step.parent.is_none())
+        .map(|step| step.index)
+        .collect()
+}
+
+/// The steps `roots` and everything below them, depth-first.
+fn subtree(flat: &[FlatStep<'_>], roots: &[u32]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for root in roots {
+        out.push(*root);
+        out.extend(subtree(flat, &flat[*root as usize].children));
+    }
+    out
+}
+
+/// The end of a parallel group: a lost agent, then a cancel, then the worst result.
+fn combine(ends: Vec<NodeEnd>) -> NodeEnd {
+    if let Some(lost) = ends.iter().find(|end| matches!(end, NodeEnd::AgentLost(_))) {
+        return lost.clone();
+    }
+    if ends.iter().any(|end| matches!(end, NodeEnd::Cancelled)) {
+        return NodeEnd::Cancelled;
+    }
+    let severity = |result: StepResult| match result {
+        StepResult::Success => 0,
+        StepResult::Failure | StepResult::Timeout => 1,
+        StepResult::Exception => 2,
+        StepResult::Cancelled => 3,
+    };
+    ends.into_iter()
+        .filter_map(|end| match end {
+            NodeEnd::Done(outcome) => Some(outcome),
+            _ => None,
+        })
+        .max_by_key(|outcome| severity(outcome.result))
+        .map_or(
+            NodeEnd::Done(StepOutcome {
+                result: StepResult::Success,
+                message: None,
+            }),
+            NodeEnd::Done,
+        )
+}
+
+fn build_result(result: StepResult) -> BuildResult {
+    match result {
+        StepResult::Success => BuildResult::Success,
+        StepResult::Failure | StepResult::Timeout => BuildResult::Failure,
+        StepResult::Exception => BuildResult::Exception,
+        StepResult::Cancelled => BuildResult::Cancelled,
+    }
+}
+
+fn exception(message: String) -> StepOutcome {
+    StepOutcome {
+        result: StepResult::Exception,
+        message: Some(message),
+    }
+}
+
+fn finished_step(record: &BuildRecord, index: u32) -> Option<StepOutcome> {
+    let step = record.steps.get(index as usize)?;
+    if step.state != StepState::Finished {
+        return None;
+    }
+    Some(StepOutcome {
+        result: step.result?,
+        message: step.message.clone(),
+    })
+}

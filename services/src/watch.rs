@@ -1,0 +1,232 @@
+//! Following a KV bucket: the current entries first, then every change, surviving reconnects.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// One change in a watched bucket.
+pub enum BucketChange {
+    Put { key: String, value: bytes::Bytes },
+    Removed { key: String },
+}
+
+/// Spawns a task that calls `on_change` for every entry of `store` and every later change,
+/// until `stop` fires. The returned receiver resolves once the entries present at the start
+/// have been delivered. Watchers can die across reconnects, so the task restarts its watch
+/// (replaying the current entries, which `on_change` must tolerate) with backoff. They can
+/// also stall silently when a NATS node fails over: for a bucket whose entries are refreshed
+/// regularly (heartbeats), `restart_after_silence` restarts a watch that has gone quiet.
+pub fn follow_bucket(
+    store: kv::Store,
+    stop: CancellationToken,
+    restart_after_silence: Option<Duration>,
+    mut on_change: impl FnMut(BucketChange) + Send + 'static,
+) -> oneshot::Receiver<()> {
+    let (ready_tx, ready_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let watch = async {
+                let empty = store.status().await?.values() == 0;
+                let watch = store.watch_with_history(">").await?;
+                Ok::<_, async_nats::Error>((empty, watch))
+            };
+            let (empty, mut watch) = match watch.await {
+                Ok(started) => started,
+                Err(error) => {
+                    tracing::warn!(bucket = %store.name, %error, "cannot watch bucket; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            if empty {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+            }
+            loop {
+                let silence = async {
+                    match restart_after_silence {
+                        Some(limit) => tokio::time::sleep(limit).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let entry = tokio::select! {
+                    entry = watch.next() => entry,
+                    _ = silence => {
+                        tracing::warn!(bucket = %store.name, "bucket watch went quiet; restarting it");
+                        break;
+                    }
+                    _ = stop.cancelled() => return,
+                };
+                match entry {
+                    Some(Ok(entry)) => {
+                        let change = match entry.operation {
+                            kv::Operation::Put => BucketChange::Put {
+                                key: entry.key,
+                                value: entry.value,
+                            },
+                            kv::Operation::Delete | kv::Operation::Purge => {
+                                BucketChange::Removed { key: entry.key }
+                            }
+                        };
+                        on_change(change);
+                        if entry.delta == 0 {
+                            if let Some(ready) = ready.take() {
+                                let _ = ready.send(());
+                            }
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(bucket = %store.name, %error, "bucket watch failed; restarting it");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    });
+    ready_rx
+}
+
+/// Where [`follow_stream`] starts.
+#[derive(Debug, Clone, Copy)]
+pub enum StreamStart {
+    /// From the first message stored.
+    Beginning,
+    /// From the messages stored after the follower starts.
+    New,
+}
+
+/// Spawns a task that follows `stream_name` (only `filter` subjects, when given) with an
+/// ordered consumer and calls `apply` with each message's stream sequence and payload, until
+/// `stop` fires. When the consumer is interrupted (reconnects, leader changes) it resumes
+/// right after the last message applied, so nothing is skipped. The returned receiver
+/// resolves once the follower is consuming.
+pub fn follow_stream(
+    bus: crate::Bus,
+    stream_name: &'static str,
+    filter: Option<&'static str>,
+    start: StreamStart,
+    stop: CancellationToken,
+    mut apply: impl FnMut(u64, &[u8]) + Send + 'static,
+) -> oneshot::Receiver<()> {
+    use async_nats::jetstream::consumer;
+    let (ready_tx, ready_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        let mut backoff = Duration::from_millis(100);
+        let mut last_sequence: Option<u64> = None;
+        while !stop.is_cancelled() {
+            let deliver_policy = match (last_sequence, start) {
+                (Some(sequence), _) => consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: sequence + 1,
+                },
+                (None, StreamStart::Beginning) => consumer::DeliverPolicy::All,
+                (None, StreamStart::New) => consumer::DeliverPolicy::New,
+            };
+            let messages = async {
+                bus.stream(stream_name)
+                    .await?
+                    .create_consumer(consumer::pull::OrderedConfig {
+                        filter_subject: filter.unwrap_or_default().to_owned(),
+                        deliver_policy,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| crate::bus::Error::nats(format!("following {stream_name}"), e))?
+                    .messages()
+                    .await
+                    .map_err(|e| crate::bus::Error::nats(format!("following {stream_name}"), e))
+            };
+            let mut messages = match messages.await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(stream = stream_name, %error, "cannot follow stream; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(());
+            }
+            loop {
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    _ = stop.cancelled() => return,
+                };
+                match message {
+                    Some(Ok(message)) => {
+                        let sequence = message
+                            .info()
+                            .map(|info| info.stream_sequence)
+                            .unwrap_or_else(|_| last_sequence.map_or(0, |s| s + 1));
+                        apply(sequence, &message.payload);
+                        last_sequence = Some(sequence);
+                    }
+                    Some(Err(error)) => {
+                        tracing::debug!(stream = stream_name, %error, "stream follower interrupted; resuming");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    });
+    ready_rx
+}
+
+/// A bucket's entries kept in memory by [`mirror_bucket`], by key.
+pub type Mirror<T> = std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, T>>>;
+
+/// Keeps `mirror` in step with a bucket: every entry, decoded with `decode`, under its key,
+/// removed when the key is. Entries that fail to decode are logged and left out. See
+/// [`follow_bucket`] for `restart_after_silence`.
+pub fn mirror_bucket<T: Send + Sync + 'static>(
+    mirror: &Mirror<T>,
+    store: kv::Store,
+    stop: CancellationToken,
+    restart_after_silence: Option<Duration>,
+    decode: fn(&bytes::Bytes) -> Result<T, bus_schema::DecodeError>,
+) {
+    let map = std::sync::Arc::clone(mirror);
+    let bucket = store.name.clone();
+    let _ready = follow_bucket(store, stop, restart_after_silence, move |change| {
+        let mut map = map.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match change {
+            BucketChange::Put { key, value } => match decode(&value) {
+                Ok(entry) => {
+                    map.insert(key, entry);
+                }
+                Err(error) => tracing::warn!(%bucket, %key, %error, "ignoring an undecodable entry"),
+            },
+            BucketChange::Removed { key } => {
+                map.remove(&key);
+            }
+        }
+    });
+}
+
+/// A [`mirror_bucket`] decoder for bus messages.
+pub fn decoded<T: serde::de::DeserializeOwned>(value: &bytes::Bytes) -> Result<T, bus_schema::DecodeError> {
+    bus_schema::decode(value)
+}
+
+/// A [`mirror_bucket`] decoder that keeps values as they are.
+pub fn raw(value: &bytes::Bytes) -> Result<bytes::Bytes, bus_schema::DecodeError> {
+    Ok(value.clone())
+}

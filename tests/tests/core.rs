@@ -1,0 +1,552 @@
+//! The core path, for real: changes and forced builds run on agents over a real nats-server,
+//! with every role as its own process, all in one `yard up` process, and in-process.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use yard_tests::api::Api;
+use yard_tests::cluster::{AgentSpec, Cluster};
+use yard_tests::process::YardProcess;
+use yard_tests::{start_nats, wait_until};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+const CONFIG: &str = r#"
+[[builder]]
+name = "two-steps"
+[[builder.steps]]
+name = "compile"
+run = 'echo "compiling $YARD_REVISION on $YARD_BRANCH"'
+[[builder.steps]]
+name = "test"
+run = 'echo "tests passed"; echo "a warning" >&2'
+
+[[builder]]
+name = "fails"
+[[builder.steps]]
+name = "first"
+run = "echo first"
+[[builder.steps]]
+name = "broken"
+run = "echo boom; exit 3"
+[[builder.steps]]
+name = "never"
+run = "echo never"
+
+[[builder]]
+name = "sleeper"
+[[builder.steps]]
+name = "sleep"
+run = 'sleep 300 & echo $! > "$PID_DIR/background.pid"; echo $$ > "$PID_DIR/shell.pid"; sleep 300'
+timeout = "1s"
+
+[[builder]]
+name = "cancellable"
+[[builder.steps]]
+name = "sleep"
+run = 'sleep 300 & echo $! > "$PID_DIR/background.pid"; echo $$ > "$PID_DIR/shell.pid"; sleep 300'
+
+[[builder]]
+name = "echo-property"
+[[builder.steps]]
+name = "write"
+run = 'printf "%s" "$MESSAGE" > "$OUT_FILE"'
+
+[[builder]]
+name = "windows-only"
+agents = 'os == "windows"'
+[[builder.steps]]
+name = "build"
+run = "echo never runs"
+
+[[scheduler]]
+name = "main-only"
+kind = "on-change"
+branches = ["main"]
+builders = ["two-steps"]
+
+[[scheduler]]
+name = "force"
+kind = "force"
+builders = ["two-steps", "fails", "sleeper", "cancellable", "echo-property", "windows-only"]
+"#;
+
+fn linux_agent(name: &str) -> AgentSpec {
+    let mut spec = AgentSpec::new(name);
+    spec.labels.insert("os".into(), "linux".into());
+    spec
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("free port")
+}
+
+/// Posts a change on `branch` and returns its id.
+async fn post_change(api: &Api, branch: &str, revision: &str) -> String {
+    let (status, body) = api
+        .post(
+            "/api/v1/changes",
+            json!({
+                "repository": "https://example.com/repo.git",
+                "branch": branch,
+                "revision": revision,
+                "author": "Ada <ada@example.com>",
+                "comments": "a change",
+                "files": ["src/lib.rs"],
+                "project": "yard",
+            }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    body["id"].as_str().expect("change id").to_owned()
+}
+
+/// Waits for the build a change caused and returns its id.
+async fn build_of_change(api: &Api, change: &str) -> String {
+    wait_until(&format!("a build of change {change}"), DEADLINE, || async {
+        let (_, body) = api.get(&format!("/api/v1/builds?change={change}")).await;
+        body["builds"].as_array()?.first()?["id"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .await
+}
+
+/// Checks a finished two-step build and its logs.
+async fn assert_two_step_success(api: &Api, build_id: &str, revision: &str) {
+    let build = api.wait_finished(build_id, DEADLINE).await;
+    assert_eq!(build["result"], "success", "{build}");
+    assert_eq!(build["builder"], "two-steps");
+    assert!(build["number"].as_u64().unwrap() >= 1);
+    let steps = build["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    for (step, name) in steps.iter().zip(["compile", "test"]) {
+        assert_eq!(step["name"], name);
+        assert_eq!(step["state"], "finished");
+        assert_eq!(step["result"], "success");
+        assert_eq!(step["exit_code"], 0);
+        assert!(step["agent"].is_string());
+        assert!(step["started_at"].is_string() && step["finished_at"].is_string());
+    }
+    let compile_log = api.step_log(build_id, 0).await;
+    assert!(
+        compile_log.contains(&format!("compiling {revision} on main")),
+        "{compile_log}"
+    );
+    let test_log = api.step_log(build_id, 1).await;
+    assert!(
+        test_log.contains("tests passed") && test_log.contains("a warning"),
+        "{test_log}"
+    );
+}
+
+fn process_is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // A killed child of a reaped parent may linger as a zombie until init reaps it.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_role_as_its_own_process() {
+    yard_tests::init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let nats = start_nats(dir.path());
+    let config_path = dir.path().join("yard.toml");
+    std::fs::write(&config_path, CONFIG).unwrap();
+    let config = config_path.to_str().unwrap();
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let workdir = dir.path().join("agent");
+    let logs = dir.path();
+    let mut roles = [
+        YardProcess::start(
+            "scheduler",
+            logs,
+            &["scheduler", "--nats", nats.url(), "--config", config],
+        ),
+        YardProcess::start(
+            "engine",
+            logs,
+            &["engine", "--nats", nats.url(), "--config", config],
+        ),
+        YardProcess::start(
+            "ui",
+            logs,
+            &["ui", "--nats", nats.url(), "--config", config, "--http", &http],
+        ),
+        YardProcess::start(
+            "agent",
+            logs,
+            &[
+                "agent",
+                "--nats",
+                nats.url(),
+                "--config",
+                config,
+                "--name",
+                "linux-1",
+                "--labels",
+                "os=linux,arch=x86_64",
+                "--workdir",
+                workdir.to_str().unwrap(),
+                "--benchmark",
+                "42",
+            ],
+        ),
+    ];
+    let api = Api::new(format!("http://{http}"));
+    api.wait_healthy().await;
+    api.wait_agents(1).await;
+    let (_, agents) = api.get("/api/v1/agents").await;
+    let agent = &agents["agents"][0];
+    assert_eq!(agent["name"], "linux-1");
+    assert_eq!(agent["labels"]["os"], "linux");
+    assert_eq!(agent["benchmark"], 42);
+
+    let change = post_change(&api, "main", "f00dfeed").await;
+    let build_id = build_of_change(&api, &change).await;
+    assert_two_step_success(&api, &build_id, "f00dfeed").await;
+    let build = api.build(&build_id).await;
+    assert_eq!(build["changes"][0]["id"], change.as_str());
+    assert_eq!(build["steps"][0]["agent"], "linux-1");
+
+    // SIGTERM shuts every role down cleanly.
+    for role in roles.iter_mut().rev() {
+        let status = role.terminate();
+        assert!(
+            status.success(),
+            "{} exited with {status}: {}",
+            role.log.display(),
+            role.log_text()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn yard_up_runs_everything_in_one_process() {
+    yard_tests::init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let data_dir = dir.path().join("data");
+    // No --nats and no --config: a private nats-server and the bundled demo configuration.
+    let mut up = YardProcess::start(
+        "up",
+        dir.path(),
+        &[
+            "up",
+            "--agents",
+            "2",
+            "--http",
+            &http,
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--benchmark",
+            "10",
+        ],
+    );
+    let api = Api::new(format!("http://{http}"));
+    api.wait_healthy().await;
+    api.wait_agents(2).await;
+    let (status, builders) = api.get("/api/v1/builders").await;
+    assert_eq!(status, 200);
+    assert_eq!(builders["builders"][0]["name"], "demo");
+    assert_eq!(builders["builders"][0]["forceable"], true);
+
+    let (status, forced) = api.post("/api/v1/builders/demo/force", Value::Null).await;
+    assert_eq!(status, 202, "{forced}");
+    let build_id = forced["id"].as_str().unwrap().to_owned();
+    // The build exists from the moment it is requested.
+    let (status, _) = api.get(&format!("/api/v1/builds/{build_id}")).await;
+    assert_eq!(status, 200);
+    let build = api.wait_finished(&build_id, DEADLINE).await;
+    assert_eq!(build["result"], "success", "{build}");
+    assert_eq!(build["steps"].as_array().unwrap().len(), 2);
+    assert!(api.step_log(&build_id, 1).await.contains("all tests passed"));
+
+    let status = up.terminate();
+    assert!(
+        status.success(),
+        "yard up exited with {status}: {}",
+        up.log_text()
+    );
+    // The private nats-server went with it.
+    let ports_dir = data_dir.join("nats/ports");
+    let leftover = std::fs::read_dir(&ports_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("nats-server_")?
+                .strip_suffix(".ports")?
+                .parse::<u32>()
+                .ok()
+        })
+        .find(|pid| !process_is_gone(*pid));
+    assert_eq!(leftover, None, "nats-server child still running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_on_a_matching_branch_build_and_others_do_not() {
+    let cluster = Cluster::start(CONFIG, vec![linux_agent("a1")]).await;
+    let api = &cluster.api;
+    let ignored = post_change(api, "feature/x", "0badc0de").await;
+    let change = post_change(api, "main", "c0ffee").await;
+    let build_id = build_of_change(api, &change).await;
+    assert_two_step_success(api, &build_id, "c0ffee").await;
+
+    // Once the scheduler has worked through both changes, only the main one has a build.
+    let bus = services::Bus::connect(&cluster.config.nats, &cluster.config.engine, "test")
+        .await
+        .unwrap();
+    let stream = bus.stream(bus_schema::subjects::CHANGES_STREAM).await.unwrap();
+    wait_until("the scheduler to acknowledge both changes", DEADLINE, || async {
+        let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(&bus_schema::subjects::scheduler_consumer("main-only"))
+            .await
+            .ok()?;
+        let info = consumer.get_info().await.ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence >= 2)
+            .then_some(())
+    })
+    .await;
+    let (_, builds) = api.get("/api/v1/builds").await;
+    assert_eq!(builds["builds"].as_array().unwrap().len(), 1, "{builds}");
+    let (_, ignored_builds) = api.get(&format!("/api/v1/builds?change={ignored}")).await;
+    assert_eq!(ignored_builds["builds"], json!([]));
+    let (_, changes) = api.get("/api/v1/changes").await;
+    let ids: Vec<&str> = changes["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![change.as_str(), ignored.as_str()], "newest first");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_step_fails_the_build_and_skips_the_rest() {
+    let cluster = Cluster::start(CONFIG, vec![linux_agent("a1")]).await;
+    let api = &cluster.api;
+    let build_id = api.force("fails", json!({})).await;
+    let build = api.wait_finished(&build_id, DEADLINE).await;
+    assert_eq!(build["result"], "failure", "{build}");
+    let steps = build["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["result"], "success");
+    assert_eq!(steps[1]["result"], "failure");
+    assert_eq!(steps[1]["exit_code"], 3);
+    assert_eq!(steps[2]["state"], "skipped");
+    assert_eq!(steps[2]["result"], Value::Null);
+    assert!(build["message"].as_str().unwrap().contains("broken"), "{build}");
+    assert!(api.step_log(&build_id, 1).await.contains("boom"));
+    // The agent is free again.
+    api.wait_agents(1).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timeout_kills_the_whole_process_group() {
+    let cluster = Cluster::start(CONFIG, vec![linux_agent("a1")]).await;
+    let api = &cluster.api;
+    let pid_dir = cluster.path().join("pids");
+    std::fs::create_dir_all(&pid_dir).unwrap();
+    let build_id = api
+        .force("sleeper", json!({ "PID_DIR": pid_dir.to_str().unwrap() }))
+        .await;
+    let build = api.wait_finished(&build_id, DEADLINE).await;
+    assert_eq!(build["result"], "failure", "{build}");
+    assert_eq!(build["steps"][0]["result"], "timeout");
+    assert!(build["steps"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("timed out after 1s"));
+    for file in ["shell.pid", "background.pid"] {
+        let pid = read_pid(&pid_dir.join(file)).expect("the step wrote its pids");
+        wait_until(&format!("{file} process to be killed"), DEADLINE, || async move {
+            process_is_gone(pid).then_some(())
+        })
+        .await;
+    }
+    assert!(api.step_log(&build_id, 0).await.contains("timed out"));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_kills_the_whole_process_group() {
+    let cluster = Cluster::start(CONFIG, vec![linux_agent("a1")]).await;
+    let api = &cluster.api;
+    let pid_dir = cluster.path().join("pids");
+    std::fs::create_dir_all(&pid_dir).unwrap();
+    let build_id = api
+        .force("cancellable", json!({ "PID_DIR": pid_dir.to_str().unwrap() }))
+        .await;
+    let background = wait_until("the step to start its background child", DEADLINE, || async {
+        read_pid(&pid_dir.join("background.pid"))
+    })
+    .await;
+    let shell = wait_until("the step shell pid", DEADLINE, || async {
+        read_pid(&pid_dir.join("shell.pid"))
+    })
+    .await;
+    let (status, body) = api
+        .post(&format!("/api/v1/builds/{build_id}/cancel"), Value::Null)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let build = api.wait_finished(&build_id, DEADLINE).await;
+    assert_eq!(build["result"], "cancelled", "{build}");
+    assert_eq!(build["steps"][0]["result"], "cancelled");
+    for pid in [shell, background] {
+        wait_until("the cancelled step's processes to die", DEADLINE, || async move {
+            process_is_gone(pid).then_some(())
+        })
+        .await;
+    }
+    // Cancelling a finished build is a conflict, not an error.
+    let (status, _) = api
+        .post(&format!("/api/v1/builds/{build_id}/cancel"), Value::Null)
+        .await;
+    assert_eq!(status, 409);
+    api.wait_agents(1).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn properties_are_environment_variables_never_shell_text() {
+    let cluster = Cluster::start(CONFIG, vec![linux_agent("a1")]).await;
+    let api = &cluster.api;
+    let out_file = cluster.path().join("out.txt");
+    let canary = cluster.path().join("pwned");
+    let message = format!(
+        "$(touch {canary}) `touch {canary}`; touch {canary} && echo \"quoted\" 'single' $HOME | cat",
+        canary = canary.display()
+    );
+    let build_id = api
+        .force(
+            "echo-property",
+            json!({ "MESSAGE": message, "OUT_FILE": out_file.to_str().unwrap() }),
+        )
+        .await;
+    let build = api.wait_finished(&build_id, DEADLINE).await;
+    assert_eq!(build["result"], "success", "{build}");
+    assert_eq!(build["properties"]["MESSAGE"], message.as_str());
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), message);
+    assert!(!canary.exists(), "a property was executed as shell text");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_without_an_eligible_agent_waits_with_a_reason() {
+    let cluster = Cluster::start(CONFIG, vec![linux_agent("a1")]).await;
+    let api = &cluster.api;
+    let build_id = api.force("windows-only", json!({})).await;
+    let build = api
+        .wait_build(&build_id, DEADLINE, |build| build["state"] == "waiting")
+        .await;
+    let reason = build["message"].as_str().unwrap();
+    assert!(
+        reason.contains(r#"no registered agent matches os == "windows""#),
+        "{reason}"
+    );
+    // Cancelling a waiting build ends it without running anything.
+    let (status, _) = api
+        .post(&format!("/api/v1/builds/{build_id}/cancel"), Value::Null)
+        .await;
+    assert_eq!(status, 202);
+    let build = api.wait_finished(&build_id, DEADLINE).await;
+    assert_eq!(build["result"], "cancelled");
+    assert_eq!(build["steps"][0]["state"], "skipped");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_clear_errors() {
+    let cluster = Cluster::start(CONFIG, vec![linux_agent("a1")]).await;
+    let api = &cluster.api;
+    let (status, body) = api.post_raw("/api/v1/changes", "{not json").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("malformed JSON"),
+        "{body}"
+    );
+    let (status, body) = api.post("/api/v1/changes", json!({ "revision": "abc" })).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api
+        .post("/api/v1/changes", json!({ "branch": "main", "colour": "red" }))
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("colour"), "{body}");
+    let (status, _) = api.post("/api/v1/builders/nope/force", Value::Null).await;
+    assert_eq!(status, 404);
+    let (status, body) = api
+        .post(
+            "/api/v1/builders/two-steps/force",
+            json!({ "properties": { "1bad": "x" } }),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = api.get("/api/v1/builds/01NOSUCHBUILD").await;
+    assert_eq!(status, 404);
+    let (status, _) = api.get("/api/v1/builds?state=sleeping").await;
+    assert_eq!(status, 400);
+    let forced = api.force("two-steps", json!({})).await;
+    let (status, _) = api.get(&format!("/api/v1/builds/{forced}/steps/9/log")).await;
+    assert_eq!(status, 404);
+
+    // Garbage on an agent's work subject is refused with a reason; the agent keeps working.
+    let client = async_nats::connect(cluster.nats.url()).await.unwrap();
+    let reply = client
+        .request(bus_schema::subjects::agent_commands("a1"), "garbage".into())
+        .await
+        .unwrap();
+    let reply: bus_schema::AgentReply = bus_schema::decode(&reply.payload).unwrap();
+    assert!(
+        matches!(reply, bus_schema::AgentReply::Refused { .. }),
+        "{reply:?}"
+    );
+    let build = api.wait_finished(&forced, DEADLINE).await;
+    assert_eq!(build["result"], "success");
+    cluster.stop().await;
+}
+
+#[test]
+fn bad_configuration_exits_with_the_file_key_and_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(
+        &path,
+        "[[builder]]\nname = \"b\"\nagents = 'os = \"linux\"'\n[[builder.steps]]\nname = \"s\"\nrun = \"true\"\n",
+    )
+    .unwrap();
+    let mut engine = YardProcess::start(
+        "engine",
+        dir.path(),
+        &[
+            "engine",
+            "--config",
+            path.to_str().unwrap(),
+            "--nats",
+            "nats://127.0.0.1:1",
+        ],
+    );
+    let status = engine.wait();
+    assert!(!status.success());
+    let log = engine.log_text();
+    assert!(
+        log.contains("broken.toml") && log.contains("builder[0].agents") && log.contains("column 4"),
+        "{log}"
+    );
+}

@@ -1,0 +1,454 @@
+//! Multi-master for real: separate scheduler, engine and UI processes and agents sharing one
+//! NATS deployment; masters killed with SIGKILL, drained, upgraded; a NATS node killed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use yard_tests::api::Api;
+use yard_tests::deployment::Deployment;
+use yard_tests::wait_until;
+
+const CONFIG: &str = r#"
+[engine]
+claim_timeout = "3s"
+agent_timeout = "5s"
+
+[masters]
+heartbeat = "1s"
+dead_after = "4s"
+reconcile_interval = "5s"
+
+[[builder]]
+name = "work"
+[[builder.steps]]
+name = "prepare"
+run = 'echo "$YARD_BUILD_ID prepare" >> {dir}/effects'
+[[builder.steps]]
+name = "run"
+run = 'echo "$YARD_BUILD_ID run" >> {dir}/effects; sleep 0.1'
+
+[[scheduler]]
+name = "main"
+kind = "on-change"
+branches = ["main"]
+builders = ["work"]
+
+[[scheduler]]
+name = "force"
+kind = "force"
+builders = ["work"]
+"#;
+
+/// Posts `count` changes on main through the given UIs (round robin), retrying answers that
+/// say nothing was stored (503 while NATS elects a leader). Returns the accepted change ids.
+async fn post_changes(uis: &[Api], count: usize) -> BTreeSet<String> {
+    futures::stream::iter(0..count)
+        .map(|n| {
+            let api = uis[n % uis.len()].clone();
+            async move {
+                wait_until("a change to be accepted", Duration::from_secs(60), || async {
+                    let (status, body) = api
+                        .post(
+                            "/api/v1/changes",
+                            json!({ "branch": "main", "revision": format!("rev-{n}"), "repository": "repo" }),
+                        )
+                        .await;
+                    if status == 202 {
+                        body["id"].as_str().map(str::to_owned)
+                    } else {
+                        assert_eq!(status, 503, "only 'not stored' may be retried: {body}");
+                        None
+                    }
+                })
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+/// Forces `count` builds of `work`; returns their ids.
+async fn force_builds(api: &Api, count: usize) -> Vec<String> {
+    futures::stream::iter(0..count)
+        .map(|_| {
+            let api = api.clone();
+            async move { api.force("work", json!({})).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+async fn all_builds(api: &Api) -> Vec<Value> {
+    let (_, body) = api.get("/api/v1/builds?builder=work&limit=1000").await;
+    body["builds"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until `count` builds exist and all are finished; returns them.
+async fn wait_all_finished(api: &Api, count: usize, deadline: Duration) -> Vec<Value> {
+    let started = std::time::Instant::now();
+    loop {
+        let builds = all_builds(api).await;
+        let unfinished: Vec<&Value> = builds
+            .iter()
+            .filter(|build| build["state"] != "finished")
+            .collect();
+        if builds.len() >= count && unfinished.is_empty() {
+            return builds;
+        }
+        if started.elapsed() > deadline {
+            let sample: Vec<String> = unfinished.iter().take(5).map(|build| build.to_string()).collect();
+            panic!(
+                "timed out after {deadline:?} waiting for {count} finished builds: {} builds, {} unfinished, e.g.\n{}",
+                builds.len(),
+                unfinished.len(),
+                sample.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn finished_count(api: &Api) -> usize {
+    all_builds(api)
+        .await
+        .iter()
+        .filter(|build| build["state"] == "finished")
+        .count()
+}
+
+/// Step executions per (build id, step) from the side-effect file.
+fn executions(deployment: &Deployment) -> BTreeMap<(String, String), usize> {
+    let text = std::fs::read_to_string(deployment.path("effects")).unwrap_or_default();
+    let mut counts = BTreeMap::new();
+    for line in text.lines() {
+        if let Some((build, step)) = line.split_once(' ') {
+            *counts.entry((build.to_owned(), step.to_owned())).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Every build succeeded, and every step of every build ran exactly once.
+fn assert_exactly_once(deployment: &Deployment, builds: &[Value]) {
+    let counts = executions(deployment);
+    for build in builds {
+        assert_eq!(build["result"], "success", "{build}\n{}", deployment.logs());
+        assert_eq!(
+            build["retries"],
+            json!([]),
+            "no agent died, so nothing is retried: {build}"
+        );
+        let id = build["id"].as_str().unwrap();
+        for step in ["prepare", "run"] {
+            assert_eq!(
+                counts.get(&(id.to_owned(), step.to_owned())),
+                Some(&1),
+                "build {id} step {step} must run exactly once"
+            );
+        }
+    }
+    assert_eq!(
+        counts.len(),
+        builds.len() * 2,
+        "no step ran for a build the API does not show"
+    );
+}
+
+/// The master currently holding the lease of scheduler `main`.
+async fn lease_holder(deployment: &Deployment) -> Option<String> {
+    let client = async_nats::connect(deployment.nats_url().split(',').next().unwrap())
+        .await
+        .ok()?;
+    let jetstream = async_nats::jetstream::new(client);
+    let leases = jetstream
+        .get_key_value(bus_schema::subjects::LEASES_BUCKET)
+        .await
+        .ok()?;
+    let value = leases
+        .get(bus_schema::subjects::scheduler_consumer("main"))
+        .await
+        .ok()??;
+    let lease: bus_schema::LeaseRecord = bus_schema::decode(&value).ok()?;
+    Some(lease.holder)
+}
+
+async fn master_state(api: &Api, id: &str) -> Option<String> {
+    let (_, body) = api.get("/api/v1/masters").await;
+    body["masters"]
+        .as_array()?
+        .iter()
+        .find(|master| master["id"] == id)
+        .map(|master| master["state"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_an_engine_and_a_scheduler_loses_nothing_and_runs_nothing_twice() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    for id in ["sched-1", "sched-2"] {
+        deployment.master("scheduler", id);
+    }
+    for id in ["engine-1", "engine-2", "engine-3"] {
+        deployment.master("engine", id);
+    }
+    let uis = vec![deployment.ui("ui-1"), deployment.ui("ui-2")];
+    for agent in ["a1", "a2", "a3", "a4"] {
+        deployment.agent(agent, "os=linux");
+    }
+    for api in &uis {
+        api.wait_healthy().await;
+    }
+    uis[0].wait_agents(4).await;
+    let (_, masters) = uis[1].get("/api/v1/masters").await;
+    assert_eq!(masters["masters"].as_array().unwrap().len(), 7, "{masters}");
+    assert_eq!(masters["conflicts"], json!([]));
+
+    let posting = tokio::spawn({
+        let uis = uis.clone();
+        async move { post_changes(&uis, 500).await }
+    });
+    wait_until("some builds to finish", Duration::from_secs(120), || async {
+        (finished_count(&uis[0]).await >= 60).then_some(())
+    })
+    .await;
+    let holder = wait_until("a scheduler lease holder", Duration::from_secs(20), || {
+        lease_holder(&deployment)
+    })
+    .await;
+    deployment.kill("engine-1");
+    deployment.kill(&holder);
+    let changes = posting.await.unwrap();
+    assert_eq!(changes.len(), 500);
+
+    let builds = wait_all_finished(&uis[0], 500, Duration::from_secs(300)).await;
+    assert_eq!(builds.len(), 500, "one build per change, none twice");
+    let built_changes: BTreeSet<String> = builds
+        .iter()
+        .map(|build| build["changes"][0]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(built_changes, changes, "every accepted change has its build");
+    assert_exactly_once(&deployment, &builds);
+    let adopted: Vec<&Value> = builds
+        .iter()
+        .filter(|build| build["claimed_by"].as_array().unwrap().len() > 1)
+        .collect();
+    assert!(!adopted.is_empty(), "the killed engine's builds were adopted");
+    for build in &adopted {
+        assert_eq!(build["claimed_by"][0], "engine-1", "{build}");
+        assert_ne!(build["engine"], "engine-1");
+    }
+    // The other UI master serves the same builds from its own view.
+    let other_view = wait_all_finished(&uis[1], 500, Duration::from_secs(30)).await;
+    assert_eq!(other_view.len(), 500);
+    let new_holder = lease_holder(&deployment).await.unwrap();
+    assert_ne!(new_holder, holder);
+    assert_eq!(master_state(&uis[0], "engine-1").await.as_deref(), Some("dead"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_and_a_rolling_upgrade_lose_nothing() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    deployment.master("scheduler", "sched-1");
+    deployment.master("engine", "old-1");
+    deployment.master("engine", "old-2");
+    let api = deployment.ui("ui-1");
+    for agent in ["a1", "a2", "a3"] {
+        deployment.agent(agent, "os=linux");
+    }
+    api.wait_healthy().await;
+    api.wait_agents(3).await;
+
+    let first_wave = tokio::spawn({
+        let api = api.clone();
+        async move { force_builds(&api, 120).await }
+    });
+    wait_until("some builds to finish", Duration::from_secs(60), || async {
+        (finished_count(&api).await >= 20).then_some(())
+    })
+    .await;
+    // Rolling upgrade: new engines first, then drain the old ones through the API.
+    deployment.master("engine", "new-1");
+    deployment.master("engine", "new-2");
+    wait_until("the new engines to register", Duration::from_secs(30), || async {
+        (master_state(&api, "new-1").await.as_deref() == Some("active")
+            && master_state(&api, "new-2").await.as_deref() == Some("active"))
+        .then_some(())
+    })
+    .await;
+    for old in ["old-1", "old-2"] {
+        let (status, body) = api
+            .post(&format!("/api/v1/masters/{old}/drain"), Value::Null)
+            .await;
+        assert_eq!(status, 202, "{body}");
+        let state = master_state(&api, old).await;
+        assert!(
+            matches!(state.as_deref(), Some("draining") | None),
+            "{old} shows {state:?} after a drain"
+        );
+    }
+    let second_wave = force_builds(&api, 60).await;
+    for old in ["old-1", "old-2"] {
+        let status = deployment.process(old).wait();
+        assert!(status.success(), "{old} exits cleanly after draining: {status}");
+    }
+    let (status, _) = api
+        .post("/api/v1/masters/no-such-master/drain", Value::Null)
+        .await;
+    assert_eq!(status, 404);
+    let mut forced = first_wave.await.unwrap();
+    forced.extend(second_wave);
+    let builds = wait_all_finished(&api, 180, Duration::from_secs(240)).await;
+    assert_eq!(builds.len(), 180);
+    let ids: BTreeSet<&str> = builds.iter().map(|build| build["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, forced.iter().map(String::as_str).collect());
+    assert_exactly_once(&deployment, &builds);
+    // Builds requested after the drain ran on the new engines only.
+    for id in &forced[120..] {
+        let build = builds.iter().find(|build| build["id"] == id.as_str()).unwrap();
+        let engine = build["engine"].as_str().unwrap();
+        assert!(
+            engine.starts_with("new-"),
+            "build {id} ran on {engine} after the old engines drained"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_schedulers_lease_is_taken_over() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    deployment.master("scheduler", "sched-1");
+    deployment.master("scheduler", "sched-2");
+    deployment.master("engine", "engine-1");
+    let api = deployment.ui("ui-1");
+    deployment.agent("a1", "os=linux");
+    api.wait_healthy().await;
+    api.wait_agents(1).await;
+    let holder = wait_until("a scheduler lease holder", Duration::from_secs(20), || {
+        lease_holder(&deployment)
+    })
+    .await;
+    deployment.kill(&holder);
+    let changes = post_changes(std::slice::from_ref(&api), 1).await;
+    let change = changes.into_iter().next().unwrap();
+    // The survivor takes the lease once it expires, and then builds the change.
+    let lease_time = Duration::from_secs(bus_schema::subjects::LEASE_SECONDS);
+    let new_holder = wait_until("another master to take the lease", lease_time * 2, || async {
+        lease_holder(&deployment).await.filter(|h| *h != holder)
+    })
+    .await;
+    assert_ne!(new_holder, holder);
+    let build = wait_until("the change's build", Duration::from_secs(30), || async {
+        let (_, body) = api.get(&format!("/api/v1/builds?change={change}")).await;
+        body["builds"].as_array()?.first().cloned()
+    })
+    .await;
+    let build = api
+        .wait_finished(build["id"].as_str().unwrap(), Duration::from_secs(30))
+        .await;
+    assert_eq!(build["result"], "success");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_run_on_a_nats_cluster_with_a_node_killed_too() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::on_cluster(CONFIG);
+    deployment.provision().await;
+    for id in ["sched-1", "sched-2"] {
+        deployment.master("scheduler", id);
+    }
+    for id in ["engine-1", "engine-2", "engine-3"] {
+        deployment.master("engine", id);
+    }
+    let uis = vec![deployment.ui("ui-1"), deployment.ui("ui-2")];
+    for agent in ["a1", "a2", "a3", "a4"] {
+        deployment.agent(agent, "os=linux");
+    }
+    for api in &uis {
+        api.wait_healthy().await;
+    }
+    uis[0].wait_agents(4).await;
+    let posting = tokio::spawn({
+        let uis = uis.clone();
+        async move { post_changes(&uis, 500).await }
+    });
+    wait_until("some builds to finish", Duration::from_secs(120), || async {
+        (finished_count(&uis[0]).await >= 60).then_some(())
+    })
+    .await;
+    let holder = wait_until("a scheduler lease holder", Duration::from_secs(20), || {
+        lease_holder(&deployment)
+    })
+    .await;
+    deployment.kill("engine-1");
+    deployment.kill(&holder);
+    deployment.nats[1].kill();
+    let changes = posting.await.unwrap();
+    assert_eq!(changes.len(), 500);
+    let builds = wait_all_finished(&uis[0], 500, Duration::from_secs(400)).await;
+    assert_eq!(builds.len(), 500, "one build per change, none twice");
+    let built_changes: BTreeSet<String> = builds
+        .iter()
+        .map(|build| build["changes"][0]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(built_changes, changes, "every accepted change has its build");
+    assert_exactly_once(&deployment, &builds);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn masters_that_disagree_on_a_definition_are_reported() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    deployment.master("engine", "engine-1");
+    let changed = CONFIG.replace("sleep 0.1", "sleep 0.2");
+    deployment.master_with_config("engine", "engine-2", &changed);
+    let api = deployment.ui("ui-1");
+    api.wait_healthy().await;
+    let conflicts = wait_until("the conflict to be reported", Duration::from_secs(30), || async {
+        let (_, body) = api.get("/api/v1/masters").await;
+        let conflicts = body["conflicts"].as_array()?.clone();
+        (!conflicts.is_empty()).then_some(conflicts)
+    })
+    .await;
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0]["kind"], "builder");
+    assert_eq!(conflicts[0]["name"], "work");
+    // Two groups of masters, one per definition: engine-2 alone with the changed one.
+    let groups: Vec<BTreeSet<String>> = conflicts[0]["masters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|group| {
+            group
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .collect();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    assert!(
+        groups.contains(&BTreeSet::from(["engine-2".to_owned()])),
+        "{groups:?}"
+    );
+    assert!(
+        groups
+            .iter()
+            .any(|group| group.contains("engine-1") && group.contains("ui-1")),
+        "{groups:?}"
+    );
+    // The masters say so in their logs too.
+    wait_until("a warning in a master's log", Duration::from_secs(30), || async {
+        let logged = ["engine-1", "engine-2"]
+            .iter()
+            .any(|id| deployment.log_text(id).contains("defines this differently"));
+        logged.then_some(())
+    })
+    .await;
+}

@@ -1,0 +1,104 @@
+//! The UI master: the JSON API, answered from a materialized view of the bus.
+//!
+//! **Architecture Invariant:** the UI never asks an engine anything. Reads come from its own
+//! [`view::View`]; writes (changes, forced builds, cancels) go to JetStream and are answered
+//! 2xx only after JetStream stored them.
+
+mod api;
+pub mod auth;
+mod error;
+pub mod hooks;
+mod live;
+pub mod openapi;
+pub mod view;
+
+use std::sync::Arc;
+
+use axum::Router;
+use services::{Bus, YardConfig};
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("{0}")]
+    Insecure(String),
+}
+
+/// What every request handler can reach.
+pub struct AppState {
+    pub config: Arc<YardConfig>,
+    pub bus: Bus,
+    pub view: Arc<view::View>,
+    /// Fires when the server shuts down; ends the live streams, which would otherwise hold
+    /// the graceful shutdown open forever.
+    pub shutdown: CancellationToken,
+}
+
+/// Largest request body accepted.
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The whole HTTP application, for serving or for calling without a socket in tests.
+pub fn app(state: Arc<AppState>) -> Router {
+    api::routes()
+        .merge(hooks::routes())
+        .merge(live::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::authorize,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            std::time::Duration::from_secs(30),
+        ))
+        .with_state(state)
+}
+
+/// Serves the API on `[http] listen` until `shutdown` fires.
+pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken) -> Result<(), Error> {
+    let address = config.http.listen.clone();
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .map_err(|source| Error::Listen { address, source })?;
+    serve(config, bus, listener, shutdown).await
+}
+
+/// Serves the API on an already bound listener until `shutdown` fires.
+pub async fn serve(
+    config: Arc<YardConfig>,
+    bus: Bus,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    if let Ok(address) = listener.local_addr() {
+        auth::check_listen_address(&config.http, &address).map_err(Error::Insecure)?;
+    }
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| config.http.listen.clone(), |a| a.to_string());
+    let view = view::View::new();
+    let follow_stop = CancellationToken::new();
+    view.follow(&bus, &config, follow_stop.clone());
+    let state = Arc::new(AppState {
+        config,
+        bus,
+        view,
+        shutdown: shutdown.clone(),
+    });
+    tracing::info!(address = %local, "UI master listening");
+    let served = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    follow_stop.cancel();
+    served.map_err(Error::Serve)
+}

@@ -1,0 +1,126 @@
+//! Live updates and operations: the web UI page, the Server-Sent Events stream of build
+//! changes that feeds it, and the Prometheus metrics.
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use bus_schema::subjects;
+use futures::Stream;
+use services::time::now;
+
+use crate::AppState;
+
+pub(crate) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/v1/stream", get(stream))
+        .route("/metrics", get(metrics))
+        .route("/", get(index))
+}
+
+/// The web UI, embedded in the binary.
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+
+async fn index() -> impl IntoResponse {
+    axum::response::Html(INDEX_HTML)
+}
+
+/// Every build change as a `build` event carrying the build as JSON, fed by the bus through
+/// the view. A client that falls behind gets a `lagged` event and should reload.
+async fn stream(State(state): State<Arc<AppState>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let updates = state.view.subscribe();
+    let events = futures::stream::unfold(updates, |mut updates| async move {
+        let event = match updates.recv().await {
+            Ok(build) => Event::default()
+                .event("build")
+                .data(serde_json::to_string(&build).unwrap_or_default()),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                Event::default().event("lagged").data(missed.to_string())
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(event), updates))
+    });
+    let events = futures::StreamExt::take_until(events, state.shutdown.clone().cancelled_owned());
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// Upper bounds of the build wait histogram, in seconds.
+const WAIT_BUCKETS: [f64; 10] = [0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0];
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let mut out = String::new();
+    let (states, results, waits) = state.view.build_statistics();
+    let _ = writeln!(
+        out,
+        "# HELP yard_builds Builds by state.\n# TYPE yard_builds gauge"
+    );
+    for (build_state, count) in &states {
+        let _ = writeln!(out, "yard_builds{{state=\"{build_state}\"}} {count}");
+    }
+    let _ = writeln!(out, "# HELP yard_builds_finished_total Finished builds by result.\n# TYPE yard_builds_finished_total counter");
+    for (result, count) in &results {
+        let _ = writeln!(out, "yard_builds_finished_total{{result=\"{result}\"}} {count}");
+    }
+    let _ = writeln!(out, "# HELP yard_build_wait_seconds Time from request to start.\n# TYPE yard_build_wait_seconds histogram");
+    for bound in WAIT_BUCKETS {
+        let below = waits
+            .iter()
+            .filter(|wait| (**wait as f64) / 1000.0 <= bound)
+            .count();
+        let _ = writeln!(out, "yard_build_wait_seconds_bucket{{le=\"{bound}\"}} {below}");
+    }
+    let total: u64 = waits.iter().sum();
+    let _ = writeln!(
+        out,
+        "yard_build_wait_seconds_bucket{{le=\"+Inf\"}} {}",
+        waits.len()
+    );
+    let _ = writeln!(out, "yard_build_wait_seconds_sum {}", total as f64 / 1000.0);
+    let _ = writeln!(out, "yard_build_wait_seconds_count {}", waits.len());
+
+    let silence_limit = state.config.engine.agent_timeout.as_millis() as u64;
+    let at = now();
+    let (mut busy, mut idle, mut offline) = (0, 0, 0);
+    for agent in state.view.agents() {
+        match (
+            at.millis_since(agent.heartbeat_at) <= silence_limit,
+            agent.busy_with.is_some(),
+        ) {
+            (false, _) => offline += 1,
+            (true, true) => busy += 1,
+            (true, false) => idle += 1,
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP yard_agents Agents by status.\n# TYPE yard_agents gauge"
+    );
+    let _ = writeln!(out, "yard_agents{{status=\"busy\"}} {busy}\nyard_agents{{status=\"idle\"}} {idle}\nyard_agents{{status=\"offline\"}} {offline}");
+
+    if let Ok(mut requests) = state.bus.stream(subjects::REQUESTS_STREAM).await {
+        if let Ok(info) = requests.info().await {
+            let _ = writeln!(
+                out,
+                "# HELP yard_request_queue_length Build requests not yet finished (queued or running).\n# TYPE yard_request_queue_length gauge\nyard_request_queue_length {}",
+                info.state.messages
+            );
+        }
+    }
+    let started = Instant::now();
+    if state.bus.client.flush().await.is_ok() {
+        let _ = writeln!(
+            out,
+            "# HELP yard_bus_rtt_seconds Round trip to the NATS server.\n# TYPE yard_bus_rtt_seconds gauge\nyard_bus_rtt_seconds {}",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
