@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use services::{Bus, YardConfig};
 use tokio::task::JoinHandle;
@@ -96,25 +97,7 @@ impl Cluster {
             ui_master::serve(c, bus, listener, s).await.expect("ui runs");
         }));
         let agent_count = agents.len();
-        let mut agent_tasks = Vec::new();
-        for spec in agents {
-            let bus = connect(&config).await;
-            let settings = agent::Settings {
-                workdir: dir.path().join("agents").join(&spec.name),
-                name: spec.name,
-                labels: spec.labels,
-                instance: config.instance.id.clone(),
-                benchmark: Some(spec.benchmark),
-                heartbeat: config.agent.heartbeat,
-            };
-            let s = agents_shutdown.clone();
-            agent_tasks.push(tokio::spawn(async move {
-                agent::run(settings, bus, s).await.expect("agent runs");
-            }));
-        }
-        api.wait_healthy().await;
-        api.wait_agents(agent_count).await;
-        Cluster {
+        let mut cluster = Cluster {
             dir,
             nats,
             config,
@@ -122,8 +105,50 @@ impl Cluster {
             shutdown,
             agents_shutdown,
             tasks,
-            agent_tasks,
+            agent_tasks: Vec::new(),
+        };
+        for spec in agents {
+            cluster.spawn_agent(spec).await;
         }
+        cluster.api.wait_healthy().await;
+        cluster.api.wait_agents(agent_count).await;
+        cluster
+    }
+
+    /// Starts one more agent and waits until the API lists it.
+    pub async fn add_agent(&mut self, spec: AgentSpec) {
+        let name = spec.name.clone();
+        self.spawn_agent(spec).await;
+        let api = self.api.clone();
+        crate::wait_until(
+            &format!("agent {name} to register"),
+            Duration::from_secs(30),
+            || async {
+                let (_, body) = api.get("/api/v1/agents").await;
+                body["agents"]
+                    .as_array()?
+                    .iter()
+                    .any(|agent| agent["name"] == name.as_str())
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    async fn spawn_agent(&mut self, spec: AgentSpec) {
+        let bus = connect(&self.config).await;
+        let settings = agent::Settings {
+            workdir: self.dir.path().join("agents").join(&spec.name),
+            name: spec.name,
+            labels: spec.labels,
+            instance: self.config.instance.id.clone(),
+            benchmark: Some(spec.benchmark),
+            heartbeat: self.config.agent.heartbeat,
+        };
+        let shutdown = self.agents_shutdown.clone();
+        self.agent_tasks.push(tokio::spawn(async move {
+            agent::run(settings, bus, shutdown).await.expect("agent runs");
+        }));
     }
 
     pub fn path(&self) -> PathBuf {

@@ -3,6 +3,7 @@
 //! deadline instead of sleeping.
 
 pub mod api;
+pub mod browser;
 pub mod cluster;
 pub mod deployment;
 pub mod process;

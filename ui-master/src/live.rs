@@ -6,21 +6,27 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::State;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use bus_schema::subjects;
-use futures::Stream;
+use bus_schema::{subjects, LogChunk, LogStream, StepState};
+use futures::{Stream, StreamExt};
 use services::time::now;
+use tokio::sync::mpsc;
 
+use crate::error::ApiError;
 use crate::AppState;
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/v1/stream", get(stream))
+        .route("/api/v1/builds/{id}/steps/{index}/log/stream", get(log_stream))
         .route("/metrics", get(metrics))
         .route("/", get(index))
 }
@@ -50,6 +56,123 @@ async fn stream(State(state): State<Arc<AppState>>) -> Sse<impl Stream<Item = Re
     });
     let events = futures::StreamExt::take_until(events, state.shutdown.clone().cancelled_owned());
     Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// A step's log as it grows, for tailing: a `log` event per chunk of the build's current
+/// attempt (JSON `{"seq": n, "text": "..."}`, lines joined by newlines), then an `end` event
+/// once the step has finished and every stored chunk was sent. Fed by the logs stream.
+async fn log_stream(
+    State(state): State<Arc<AppState>>,
+    Path((id, index)): Path<(String, u32)>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let build = state
+        .view
+        .build(&id)
+        .ok_or_else(|| ApiError::NotFound(format!("no build {id}")))?;
+    if index as usize >= build.steps.len() {
+        return Err(ApiError::NotFound(format!("build {id} has no step {index}")));
+    }
+    let consumer = state
+        .bus
+        .stream(subjects::LOGS_STREAM)
+        .await?
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subjects::step_log(&id, index),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| ApiError::Unavailable(format!("following the log of {id} step {index}: {error}")))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|error| ApiError::Unavailable(format!("following the log of {id} step {index}: {error}")))?;
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let attempt = build.retries.len() as u32;
+    tokio::spawn(tail_log(
+        Arc::clone(&state),
+        id,
+        index,
+        attempt,
+        messages,
+        events_tx,
+    ));
+    let events = futures::stream::unfold(events_rx, |mut events_rx| async move {
+        events_rx.recv().await.map(|event| (Ok(event), events_rx))
+    });
+    let events = futures::StreamExt::take_until(events, state.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// Sends a step's log chunks to `events` until the step is over and its log is sent, or the
+/// client goes away.
+async fn tail_log(
+    state: Arc<AppState>,
+    id: String,
+    index: u32,
+    attempt: u32,
+    mut messages: consumer::pull::Ordered,
+    events: mpsc::Sender<Event>,
+) {
+    // How long a finished step's log may stay quiet before the stream is declared complete
+    // (chunks are stored before the step's end, so this only covers the follower's own lag).
+    const SETTLE: Duration = Duration::from_millis(300);
+    let mut caught_up = false;
+    let mut last_activity = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let message = match message {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
+                        let _ = events.send(Event::default().event("error").data(error.to_string())).await;
+                        return;
+                    }
+                    None => return,
+                };
+                last_activity = Instant::now();
+                caught_up = message.info().map(|info| info.pending == 0).unwrap_or(false);
+                let chunk = match bus_schema::decode::<LogChunk>(&message.payload) {
+                    Ok(chunk) => chunk,
+                    Err(error) => {
+                        tracing::warn!(subject = %message.subject, %error, "undecodable log chunk");
+                        continue;
+                    }
+                };
+                if chunk.attempt != attempt {
+                    continue;
+                }
+                let text = chunk
+                    .lines
+                    .iter()
+                    .map(|line| match line.stream {
+                        LogStream::Header => format!("# {}", line.text),
+                        _ => line.text.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let data = serde_json::json!({ "seq": chunk.seq, "text": text }).to_string();
+                if events.send(Event::default().event("log").data(data)).await.is_err() {
+                    return;
+                }
+            }
+            _ = ticker.tick() => {
+                let done = state.view.build(&id).is_none_or(|build| {
+                    build.result.is_some()
+                        || build.steps.get(index as usize).is_none_or(|step| {
+                            matches!(step.state, StepState::Finished | StepState::Skipped)
+                        })
+                });
+                if done && (caught_up || last_activity.elapsed() >= SETTLE) {
+                    // An event with empty data is never dispatched by browsers: say something.
+                    let _ = events.send(Event::default().event("end").data("complete")).await;
+                    return;
+                }
+            }
+            _ = events.closed() => return,
+        }
+    }
 }
 
 /// Upper bounds of the build wait histogram, in seconds.

@@ -18,6 +18,12 @@ const OPERATIONS: &[(&str, &str, &str, &[u16])] = &[
         &[200, 404, 503],
     ),
     (
+        "get",
+        "/api/v1/builds/{id}/steps/{index}/log/stream",
+        "Server-Sent Events: a step's log as it grows (`log` events), then `end`",
+        &[200, 404, 503],
+    ),
+    (
         "post",
         "/api/v1/builds/{id}/cancel",
         "Cancel a build",
