@@ -278,6 +278,9 @@ pub struct MasterRecord {
     pub definitions: BTreeMap<String, String>,
     pub started_at: Timestamp,
     pub heartbeat_at: Timestamp,
+    /// Where this master's Prometheus metrics are served.
+    #[serde(default)]
+    pub metrics_url: Option<String>,
 }
 
 /// A command on a master's own control subject.

@@ -301,6 +301,26 @@ async fn run_master(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let presence_stop = CancellationToken::new();
+    // Every master serves /metrics: the UI role on its own address, any other on its own
+    // metrics listener.
+    let mut metrics_server = None;
+    let metrics_url = if roles.is_empty() {
+        None
+    } else if roles.contains(&Role::Ui) {
+        Some(format!("http://{}/metrics", config.http.listen))
+    } else {
+        let address = &config.http.metrics_listen;
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen for /metrics on {address} ([http] metrics_listen)"))?;
+        let url = format!("http://{}/metrics", listener.local_addr()?);
+        tracing::info!(%url, "serving metrics");
+        metrics_server = Some(tokio::spawn(ui_master::serve_metrics(
+            listener,
+            presence_stop.clone(),
+        )));
+        Some(url)
+    };
     let presence = if roles.is_empty() {
         None
     } else {
@@ -310,6 +330,7 @@ async fn run_master(
             bus,
             &config,
             names,
+            metrics_url,
             shutdown.clone(),
             presence_stop.clone(),
         ))
@@ -371,6 +392,9 @@ async fn run_master(
     presence_stop.cancel();
     if let Some(presence) = presence {
         let _ = presence.await;
+    }
+    if let Some(server) = metrics_server {
+        let _ = server.await;
     }
     match failure {
         Some(error) => Err(error),

@@ -151,6 +151,9 @@ pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
             .await;
         return;
     }
+    let metrics = services::metrics::EngineMetrics::get();
+    metrics.claims.inc();
+    metrics.builds_running.inc();
     let ending = driver.run(prior).await;
     driver.release_all().await;
     if let Some(task) = pool_refresh {
@@ -165,6 +168,15 @@ pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
             Ok(_) => {}
             Err(error) => tracing::warn!(build = %build_id, %error, "pool servers not released; they expire"),
         }
+    }
+    metrics.builds_running.dec();
+    if let Some((result, _)) = &ending {
+        metrics
+            .builds_finished
+            .get_or_create(&services::metrics::ResultLabel {
+                result: result.as_str().to_owned(),
+            })
+            .inc();
     }
     if let Some((result, message)) = ending {
         // The build stays claimed by this (live) engine until its end is stored, so no other
@@ -434,7 +446,13 @@ impl BuildDriver {
             return AttemptEnd::Done((BuildResult::Cancelled, Some("cancelled before it started".into())));
         }
         let master = match self.hold_agent(builder, selector, None).await {
-            Some(agent) => agent,
+            Some(agent) => {
+                let waited = now().millis_since(self.request.requested_at);
+                services::metrics::EngineMetrics::get()
+                    .build_wait_seconds
+                    .observe(waited as f64 / 1000.0);
+                agent
+            }
             None => {
                 self.skip(all_steps(flat)).await;
                 return AttemptEnd::Done(self.cancelled_ending());

@@ -140,6 +140,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
         services::watch::decoded::<bus_schema::MasterRecord>,
     );
     tokio::spawn(deadlock_loop(Arc::clone(&engine), listeners_stop.clone()));
+    services::metrics::spawn_rtt_probe(engine.bus.clone(), "engine", listeners_stop.clone());
 
     let builds = TaskTracker::new();
     claim_loop(&engine, &builds, &shutdown).await;
@@ -185,11 +186,39 @@ async fn reconcile_loop(engine: Arc<Engine>, stop: CancellationToken) {
             }
         }
         engine.directory.reconcile();
+        if let Ok(mut requests) = engine.bus.stream(subjects::REQUESTS_STREAM).await {
+            if let Ok(info) = requests.info().await {
+                services::metrics::request_queue_length().set(info.state.messages as i64);
+            }
+        }
     }
 }
 
 /// How often the wait-for graph is searched for deadlocks.
 const DEADLOCK_CHECK: Duration = Duration::from_millis(500);
+
+/// Agents by status and this engine's waiting steps, for `/metrics`.
+fn record_grid_metrics(engine: &Engine, waits: &[bus_schema::WaitRecord]) {
+    let metrics = services::metrics::EngineMetrics::get();
+    let (mut busy, mut idle, mut offline) = (0, 0, 0);
+    for record in engine.directory.records() {
+        match (engine.directory.record_alive(&record), record.busy_with.is_some()) {
+            (false, _) => offline += 1,
+            (true, true) => busy += 1,
+            (true, false) => idle += 1,
+        }
+    }
+    for (status, count) in [("busy", busy), ("idle", idle), ("offline", offline)] {
+        metrics
+            .agents
+            .get_or_create(&services::metrics::StatusLabel {
+                status: status.to_owned(),
+            })
+            .set(count);
+    }
+    let own = waits.iter().filter(|wait| wait.engine == engine.id).count();
+    metrics.waiting_steps.set(own as i64);
+}
 
 /// Searches the grid's wait-for graph for deadlocks. Every engine sees the same graph and
 /// picks the same victim (the newest build of the cycle whose builder says `fail-newest`);
@@ -209,6 +238,7 @@ async fn deadlock_loop(engine: Arc<Engine>, stop: CancellationToken) {
             .values()
             .cloned()
             .collect();
+        record_grid_metrics(&engine, &waits);
         if waits.is_empty() {
             continue;
         }

@@ -35,6 +35,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
         .id
         .clone()
         .unwrap_or_else(|| services::presence::master_id(&config));
+    services::metrics::spawn_rtt_probe(bus.clone(), "scheduler", shutdown.clone());
     let mut tasks = Vec::new();
     for scheduler in config
         .schedulers
@@ -88,6 +89,8 @@ async fn hold_and_follow(
             }
         };
         tracing::info!(scheduler = %scheduler.name, master = %holder, "scheduler lease taken; following changes");
+        let metrics = services::metrics::SchedulerMetrics::get();
+        metrics.leases_held.inc();
         let following = CancellationToken::new();
         let follower = tokio::spawn(follow_changes(
             bus.clone(),
@@ -109,6 +112,7 @@ async fn hold_and_follow(
         };
         following.cancel();
         let _ = follower.await;
+        metrics.leases_held.dec();
         if lost {
             tracing::warn!(scheduler = %scheduler.name, "scheduler lease lost to another master");
         } else {
@@ -202,6 +206,10 @@ async fn handle_change(bus: &Bus, scheduler: &SchedulerConfig, message: async_na
             return;
         }
     };
+    let metrics = services::metrics::SchedulerMetrics::get();
+    let label = services::metrics::SchedulerLabel {
+        scheduler: scheduler.name.clone(),
+    };
     if scheduler.accepts(&change.branch, &change.project) {
         let requests = scheduler
             .builders
@@ -220,8 +228,10 @@ async fn handle_change(bus: &Bus, scheduler: &SchedulerConfig, message: async_na
                 return;
             }
             tracing::debug!(change = %change.id, build = %request.build_id, builder = %request.builder, "build requested");
+            metrics.requests.get_or_create(&label).inc();
         }
     }
+    metrics.changes.get_or_create(&label).inc();
     if let Err(error) = message.ack().await {
         tracing::debug!(change = %change.id, %error, "change ack not sent; it will be seen again");
     }

@@ -132,6 +132,10 @@ pub struct HttpConfig {
     /// address can write. Off: such a configuration refuses to start.
     #[serde(default)]
     pub allow_open_writes: bool,
+    /// Where a process without the UI role serves `GET /metrics` (port 0: any free port; the
+    /// masters registry says which).
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: String,
 }
 
 impl Default for HttpConfig {
@@ -141,8 +145,13 @@ impl Default for HttpConfig {
             tokens: Vec::new(),
             open_reads: true,
             allow_open_writes: false,
+            metrics_listen: default_metrics_listen(),
         }
     }
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:0".into()
 }
 
 fn default_true() -> bool {

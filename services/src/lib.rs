@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod config;
 pub mod lease;
+pub mod metrics;
 pub mod nats_server;
 pub mod presence;
 pub mod selector;

@@ -46,6 +46,7 @@ pub fn spawn(
     bus: Bus,
     config: &YardConfig,
     roles: Vec<String>,
+    metrics_url: Option<String>,
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
@@ -60,6 +61,7 @@ pub fn spawn(
         definitions: config.definition_digests(),
         started_at,
         heartbeat_at: started_at,
+        metrics_url,
     }));
     let heartbeat = config.masters.heartbeat;
     warn_about_conflicts(&bus, &record, config.masters.dead_after, stop.clone());

@@ -452,3 +452,97 @@ async fn masters_that_disagree_on_a_definition_are_reported() {
     })
     .await;
 }
+
+/// Scrapes a master's `/metrics` (its URL from the masters registry) until `line` shows.
+async fn wait_for_metric(api: &Api, master: &str, line: &str) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let (_, body) = api.get("/api/v1/masters").await;
+        let url = body["masters"].as_array().and_then(|masters| {
+            let record = masters.iter().find(|record| record["id"] == master)?;
+            Some(record["metrics_url"].as_str()?.to_owned())
+        });
+        let text = match &url {
+            Some(url) => match reqwest::get(url).await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(error) => error.to_string(),
+            },
+            None => format!("no metrics_url for {master} in {body}"),
+        };
+        if text.lines().any(|candidate| candidate == line) {
+            return text;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{line:?} missing from the metrics of {master}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_master_serves_its_metrics() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    deployment.master("scheduler", "sched-1");
+    deployment.master("engine", "engine-1");
+    let api = deployment.ui("ui-1");
+    deployment.agent("a1", "os=linux");
+    api.wait_healthy().await;
+    api.wait_agents(1).await;
+    let changes = post_changes(std::slice::from_ref(&api), 3).await;
+    assert_eq!(changes.len(), 3);
+    let builds = wait_all_finished(&api, 3, Duration::from_secs(60)).await;
+    assert!(builds.iter().all(|build| build["result"] == "success"));
+
+    // The engine and the scheduler each run alone in their process, and serve their own.
+    let engine = wait_for_metric(
+        &api,
+        "engine-1",
+        r#"yard_engine_builds_finished_total{result="success"} 3"#,
+    )
+    .await;
+    for line in [
+        "yard_engine_claims_total 3",
+        "yard_engine_build_wait_seconds_count 3",
+        "yard_engine_builds_running 0",
+    ] {
+        assert!(
+            engine.lines().any(|candidate| candidate == line),
+            "{line} missing from\n{engine}"
+        );
+    }
+    assert!(
+        engine.contains(r#"yard_bus_rtt_seconds{role="engine"} "#),
+        "{engine}"
+    );
+    assert!(
+        !engine.contains("yard_scheduler_"),
+        "the engine's process runs no scheduler"
+    );
+    wait_for_metric(&api, "engine-1", r#"yard_engine_agents{status="idle"} 1"#).await;
+
+    let scheduler = wait_for_metric(
+        &api,
+        "sched-1",
+        r#"yard_scheduler_changes_total{scheduler="main"} 3"#,
+    )
+    .await;
+    assert!(
+        scheduler.contains(r#"yard_scheduler_requests_total{scheduler="main"} 3"#),
+        "{scheduler}"
+    );
+    assert!(scheduler.contains("yard_scheduler_leases_held 1"), "{scheduler}");
+    assert!(
+        !scheduler.contains("yard_engine_"),
+        "the scheduler's process runs no engine"
+    );
+
+    // The UI master's own, with its view's figures.
+    let (status, ui) = api.get_text("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        ui.contains(r#"yard_builds_finished_total{result="success"} 3"#),
+        "{ui}"
+    );
+}

@@ -79,7 +79,7 @@ async fn the_page_the_live_stream_and_the_metrics() {
         r#"yard_agents{status="idle"} 1"#,
         "yard_build_wait_seconds_count 1",
         "yard_request_queue_length 0",
-        "yard_bus_rtt_seconds ",
+        r#"yard_bus_rtt_seconds{role="ui"} "#,
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }

@@ -497,6 +497,7 @@ async fn list_masters(State(state): State<Arc<AppState>>) -> impl IntoResponse {
                 "state": if alive { serde_json::to_value(master.state).unwrap_or_default() } else { json!("dead") },
                 "started_at": master.started_at,
                 "last_heartbeat": master.heartbeat_at,
+                "metrics_url": master.metrics_url,
             })
         })
         .collect();

@@ -73,6 +73,33 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
     serve(config, bus, listener, shutdown).await
 }
 
+/// Serves only `GET /metrics` (this process's roles) on `listener` until `shutdown` fires: for
+/// a master process without the UI role.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
+    let app = Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                services::metrics::render(),
+            )
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(|source| Error::Listen {
+            address: local,
+            source,
+        })
+}
+
 /// Serves the API on an already bound listener until `shutdown` fires.
 pub async fn serve(
     config: Arc<YardConfig>,
@@ -86,6 +113,7 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .map_or_else(|_| config.http.listen.clone(), |a| a.to_string());
+    services::metrics::spawn_rtt_probe(bus.clone(), "ui", shutdown.clone());
     let view = view::View::new();
     let follow_stop = CancellationToken::new();
     view.follow(&bus, &config, follow_stop.clone());

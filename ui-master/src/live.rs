@@ -230,20 +230,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 
     if let Ok(mut requests) = state.bus.stream(subjects::REQUESTS_STREAM).await {
         if let Ok(info) = requests.info().await {
-            let _ = writeln!(
-                out,
-                "# HELP yard_request_queue_length Build requests not yet finished (queued or running).\n# TYPE yard_request_queue_length gauge\nyard_request_queue_length {}",
-                info.state.messages
-            );
+            services::metrics::request_queue_length().set(info.state.messages as i64);
         }
     }
-    let started = Instant::now();
-    if state.bus.client.flush().await.is_ok() {
-        let _ = writeln!(
-            out,
-            "# HELP yard_bus_rtt_seconds Round trip to the NATS server.\n# TYPE yard_bus_rtt_seconds gauge\nyard_bus_rtt_seconds {}",
-            started.elapsed().as_secs_f64()
-        );
-    }
+    // The queue length, the bus round trips and the counters of whatever other roles run in
+    // this process.
+    out.push_str(&services::metrics::render());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
