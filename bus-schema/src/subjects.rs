@@ -45,6 +45,10 @@ pub const MASTERS_BUCKET: &str = "yard-masters";
 pub const LEASES_BUCKET: &str = "yard-leases";
 /// How long a scheduler lease lasts without renewal.
 pub const LEASE_SECONDS: u64 = 10;
+/// Object store of UI masters' view snapshots, so that a restart replays only the tail.
+pub const SNAPSHOTS_BUCKET: &str = "yard-snapshots";
+/// The object holding the latest snapshot of a UI master's view.
+pub const UI_VIEW_SNAPSHOT: &str = "ui-view";
 
 pub const CHANGES_ALL: &str = "yard.change.>";
 pub const REQUESTS_ALL: &str = "yard.request.>";

@@ -237,6 +237,25 @@ impl Bus {
         Ok(())
     }
 
+    /// The object store `name`, created (with `replicas`) if it does not exist yet.
+    pub async fn object_store(
+        &self,
+        name: &str,
+        replicas: usize,
+    ) -> Result<jetstream::object_store::ObjectStore, Error> {
+        if let Ok(store) = self.jetstream.get_object_store(name).await {
+            return Ok(store);
+        }
+        self.jetstream
+            .create_object_store(jetstream::object_store::Config {
+                bucket: name.to_owned(),
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::nats(format!("creating object store {name}"), e))
+    }
+
     pub async fn stream(&self, name: &str) -> Result<stream::Stream, Error> {
         self.jetstream
             .get_stream(name)

@@ -136,6 +136,10 @@ pub struct HttpConfig {
     /// masters registry says which).
     #[serde(default = "default_metrics_listen")]
     pub metrics_listen: String,
+    /// How often a UI master snapshots its view to the object store (when it changed), so a
+    /// restart replays only what came after; 0 turns snapshots off.
+    #[serde(default = "default_snapshot_interval", with = "duration")]
+    pub snapshot_interval: Duration,
 }
 
 impl Default for HttpConfig {
@@ -146,8 +150,13 @@ impl Default for HttpConfig {
             open_reads: true,
             allow_open_writes: false,
             metrics_listen: default_metrics_listen(),
+            snapshot_interval: default_snapshot_interval(),
         }
     }
+}
+
+fn default_snapshot_interval() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_metrics_listen() -> String {

@@ -105,6 +105,8 @@ pub enum StreamStart {
     Beginning,
     /// From the messages stored after the follower starts.
     New,
+    /// From the message after this sequence (what a snapshot already holds).
+    After(u64),
 }
 
 /// Spawns a task that follows `stream_name` (only `filter` subjects, when given) with an
@@ -133,6 +135,9 @@ pub fn follow_stream(
                 },
                 (None, StreamStart::Beginning) => consumer::DeliverPolicy::All,
                 (None, StreamStart::New) => consumer::DeliverPolicy::New,
+                (None, StreamStart::After(sequence)) => consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: sequence + 1,
+                },
             };
             let messages = async {
                 bus.stream(stream_name)

@@ -1,10 +1,13 @@
-//! The UI master's page, its live stream of build changes and its metrics.
+//! The UI master's page, its live stream of build changes, its metrics, and its restart from
+//! a view snapshot.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
 use yard_tests::cluster::{AgentSpec, Cluster};
+use yard_tests::deployment::Deployment;
+use yard_tests::wait_until;
 
 const CONFIG: &str = r#"
 [[builder]]
@@ -84,4 +87,76 @@ async fn the_page_the_live_stream_and_the_metrics() {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
     cluster.stop().await;
+}
+
+/// A figure from a `/metrics` text, by its exact metric name (no labels).
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ui_master_restarts_from_a_snapshot_and_replays_only_the_rest() {
+    let config = format!("[http]\nsnapshot_interval = \"200ms\"\n{CONFIG}");
+    let mut deployment = Deployment::new(&config);
+    deployment.master("scheduler", "sched-1");
+    deployment.master("engine", "engine-1");
+    deployment.agent("a1", "");
+    let first = deployment.ui("ui-1");
+    let second = deployment.ui("ui-2");
+    first.wait_healthy().await;
+    second.wait_healthy().await;
+    first.wait_agents(1).await;
+    for _ in 0..20 {
+        let id = first.force("b", json!({})).await;
+        first.wait_finished(&id, Duration::from_secs(30)).await;
+    }
+    // Both UI masters write snapshots; wait until ui-1's holds everything it has seen.
+    wait_until(
+        "ui-1 to snapshot every event",
+        Duration::from_secs(30),
+        || async {
+            let (_, text) = first.get_text("/metrics").await;
+            let applied = metric(&text, "yard_ui_view_events_sequence")?;
+            let written = metric(&text, "yard_ui_view_snapshot_sequence")?;
+            (applied > 0 && written == applied).then_some(())
+        },
+    )
+    .await;
+    deployment.kill("ui-1");
+    for _ in 0..3 {
+        let id = second.force("b", json!({})).await;
+        second.wait_finished(&id, Duration::from_secs(30)).await;
+    }
+
+    let third = deployment.ui("ui-3");
+    third.wait_healthy().await;
+    let listed = |api: yard_tests::api::Api| async move {
+        let (_, body) = api.get("/api/v1/builds?limit=100").await;
+        body["builds"].as_array().cloned().unwrap_or_default()
+    };
+    let expected = listed(second.clone()).await;
+    assert_eq!(expected.len(), 23);
+    wait_until(
+        "ui-3 to show what ui-2 shows",
+        Duration::from_secs(30),
+        || async { (listed(third.clone()).await == expected).then_some(()) },
+    )
+    .await;
+    let (_, text) = third.get_text("/metrics").await;
+    let restored = metric(&text, "yard_ui_view_restored_builds").expect("restored builds metric");
+    let replayed = metric(&text, "yard_ui_view_replayed_events_total").expect("replayed events metric");
+    let total = metric(&text, "yard_ui_view_events_sequence").expect("events sequence metric");
+    assert!(restored >= 20, "ui-3 started from a snapshot:\n{text}");
+    assert!(
+        replayed < total,
+        "ui-3 replayed only the events after the snapshot:\n{text}"
+    );
+    // A step's log and a build's details come from the restored view too.
+    let last = &expected[0];
+    let (status, build) = third
+        .get(&format!("/api/v1/builds/{}", last["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(build["result"], "success");
 }

@@ -6,6 +6,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
@@ -233,6 +234,27 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             services::metrics::request_queue_length().set(info.state.messages as i64);
         }
     }
+    let stats = &state.view.snapshot_stats;
+    let _ = writeln!(
+        out,
+        "# HELP yard_ui_view_events_sequence Events-stream sequence the view has applied.\n# TYPE yard_ui_view_events_sequence gauge\nyard_ui_view_events_sequence {}",
+        state.view.applied_sequence()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP yard_ui_view_snapshot_sequence Events-stream sequence of the last view snapshot this master wrote.\n# TYPE yard_ui_view_snapshot_sequence gauge\nyard_ui_view_snapshot_sequence {}",
+        stats.written_sequence.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP yard_ui_view_restored_builds Builds loaded from a snapshot at start (0: full replay).\n# TYPE yard_ui_view_restored_builds gauge\nyard_ui_view_restored_builds {}",
+        stats.restored_builds.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP yard_ui_view_replayed_events Events applied from the stream since start.\n# TYPE yard_ui_view_replayed_events counter\nyard_ui_view_replayed_events_total {}",
+        stats.replayed_events.load(Ordering::Relaxed)
+    );
     // The queue length, the bus round trips and the counters of whatever other roles run in
     // this process.
     out.push_str(&services::metrics::render());

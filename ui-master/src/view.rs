@@ -2,8 +2,13 @@
 //!
 //! Reads never touch an engine: they are answered from this view, which follows the events
 //! and changes streams and the agents bucket.
+//!
+//! UI masters write snapshots of the view (builds and changes, with the stream sequences they
+//! hold) to an object store now and then; a UI master that starts loads the latest and replays
+//! only the events stored after it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -19,6 +24,30 @@ struct Builds {
     /// Build ids are ULIDs, so their order is the order of request time.
     ids: BTreeSet<String>,
     numbers: HashMap<String, u64>,
+    /// Events-stream sequence of the last event applied.
+    sequence: u64,
+}
+
+#[derive(Default)]
+struct Changes {
+    list: Vec<Change>,
+    /// Changes-stream sequence of the last change applied.
+    sequence: u64,
+}
+
+/// Format version of [`Snapshot`]; a snapshot of another version is ignored (full replay).
+const SNAPSHOT_VERSION: u32 = 1;
+
+/// What a snapshot holds: the folded builds and the changes, and where in each stream they
+/// stop.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshot<B, C> {
+    version: u32,
+    events_sequence: u64,
+    changes_sequence: u64,
+    numbers: HashMap<String, u64>,
+    builds: Vec<B>,
+    changes: Vec<C>,
 }
 
 /// Filters of a build listing.
@@ -32,7 +61,7 @@ pub struct BuildFilter {
 
 pub struct View {
     builds: RwLock<Builds>,
-    changes: RwLock<Vec<Change>>,
+    changes: RwLock<Changes>,
     agents: Mirror<AgentRecord>,
     masters: Mirror<MasterRecord>,
     waits: Mirror<bus_schema::WaitRecord>,
@@ -42,6 +71,19 @@ pub struct View {
     applied: watch::Sender<u64>,
     /// Every build change, as it is applied, for live updates.
     updates: tokio::sync::broadcast::Sender<BuildRecord>,
+    /// How the view started and what it wrote, for metrics.
+    pub snapshot_stats: SnapshotStats,
+}
+
+/// Figures of the view's snapshots and replay.
+#[derive(Default)]
+pub struct SnapshotStats {
+    /// Builds loaded from a snapshot at start (0: full replay).
+    pub restored_builds: AtomicU64,
+    /// Events applied from the stream since start.
+    pub replayed_events: AtomicU64,
+    /// Events-stream sequence held by the last snapshot this master wrote.
+    pub written_sequence: AtomicU64,
 }
 
 impl View {
@@ -55,38 +97,43 @@ impl View {
             pools: Default::default(),
             applied: watch::Sender::new(0),
             updates: tokio::sync::broadcast::channel(4096).0,
+            snapshot_stats: SnapshotStats::default(),
         })
     }
 
-    /// Starts following the bus; runs until `stop` fires.
+    /// Starts following the bus (after loading the latest snapshot, if any) and writing
+    /// snapshots; runs until `stop` fires.
     pub fn follow(self: &Arc<Self>, bus: &Bus, config: &services::YardConfig, stop: CancellationToken) {
         let view = Arc::clone(self);
-        let _consuming = follow_stream(
-            bus.clone(),
-            subjects::EVENTS_STREAM,
-            None,
-            StreamStart::Beginning,
-            stop.clone(),
-            move |sequence, payload| {
-                match bus_schema::decode::<BuildEvent>(payload) {
-                    Ok(event) => view.apply_event(&event),
-                    Err(error) => tracing::warn!(%error, sequence, "undecodable build event"),
+        let replicas = config.nats.replicas;
+        let snapshot_interval = config.http.snapshot_interval;
+        let (bus_for_streams, stop_for_streams) = (bus.clone(), stop.clone());
+        tokio::spawn(async move {
+            let store = match bus_for_streams
+                .object_store(subjects::SNAPSHOTS_BUCKET, replicas)
+                .await
+            {
+                Ok(store) => Some(store),
+                Err(error) => {
+                    tracing::warn!(%error, "no snapshots: replaying every event");
+                    None
                 }
-                view.applied.send_replace(sequence);
-            },
-        );
-        let view = Arc::clone(self);
-        let _consuming = follow_stream(
-            bus.clone(),
-            subjects::CHANGES_STREAM,
-            None,
-            StreamStart::Beginning,
-            stop.clone(),
-            move |sequence, payload| match bus_schema::decode::<Change>(payload) {
-                Ok(change) => view.write_changes().push(change),
-                Err(error) => tracing::warn!(%error, sequence, "undecodable change"),
-            },
-        );
+            };
+            let (events_start, changes_start) = match &store {
+                Some(store) => view.restore(store).await,
+                None => (StreamStart::Beginning, StreamStart::Beginning),
+            };
+            view.follow_streams(
+                &bus_for_streams,
+                events_start,
+                changes_start,
+                stop_for_streams.clone(),
+            );
+            if let (Some(store), false) = (store, snapshot_interval.is_zero()) {
+                view.write_snapshots(store, snapshot_interval, stop_for_streams)
+                    .await;
+            }
+        });
         let masters_silence = Some(config.masters.dead_after);
         mirror_bucket(
             &self.masters,
@@ -101,7 +148,181 @@ impl View {
         mirror_bucket(&self.agents, bus.agents.clone(), stop, agents_silence, decoded);
     }
 
-    fn write_changes(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Change>> {
+    fn follow_streams(
+        self: &Arc<Self>,
+        bus: &Bus,
+        events_start: StreamStart,
+        changes_start: StreamStart,
+        stop: CancellationToken,
+    ) {
+        let view = Arc::clone(self);
+        let _consuming = follow_stream(
+            bus.clone(),
+            subjects::EVENTS_STREAM,
+            None,
+            events_start,
+            stop.clone(),
+            move |sequence, payload| {
+                view.snapshot_stats
+                    .replayed_events
+                    .fetch_add(1, Ordering::Relaxed);
+                match bus_schema::decode::<BuildEvent>(payload) {
+                    Ok(event) => view.apply_event_at(sequence, &event),
+                    Err(error) => tracing::warn!(%error, sequence, "undecodable build event"),
+                }
+                view.applied.send_replace(sequence);
+            },
+        );
+        let view = Arc::clone(self);
+        let _consuming = follow_stream(
+            bus.clone(),
+            subjects::CHANGES_STREAM,
+            None,
+            changes_start,
+            stop,
+            move |sequence, payload| match bus_schema::decode::<Change>(payload) {
+                Ok(change) => {
+                    let mut changes = view.write_changes();
+                    changes.list.push(change);
+                    changes.sequence = sequence;
+                }
+                Err(error) => tracing::warn!(%error, sequence, "undecodable change"),
+            },
+        );
+    }
+
+    /// Loads the latest snapshot into the view; returns where each stream's replay starts.
+    async fn restore(
+        &self,
+        store: &async_nats::jetstream::object_store::ObjectStore,
+    ) -> (StreamStart, StreamStart) {
+        use tokio::io::AsyncReadExt;
+        let full = (StreamStart::Beginning, StreamStart::Beginning);
+        let started = std::time::Instant::now();
+        let mut object = match store.get(subjects::UI_VIEW_SNAPSHOT).await {
+            Ok(object) => object,
+            Err(error) => {
+                tracing::info!(%error, "no view snapshot: replaying every event");
+                return full;
+            }
+        };
+        let mut bytes = Vec::new();
+        if let Err(error) = object.read_to_end(&mut bytes).await {
+            tracing::warn!(%error, "view snapshot unreadable: replaying every event");
+            return full;
+        }
+        let snapshot: Snapshot<BuildRecord, Change> = match bus_schema::decode(&bytes) {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                tracing::warn!(%error, "view snapshot undecodable: replaying every event");
+                return full;
+            }
+        };
+        if snapshot.version != SNAPSHOT_VERSION {
+            tracing::info!(
+                version = snapshot.version,
+                "view snapshot of another version: replaying every event"
+            );
+            return full;
+        }
+        let count = snapshot.builds.len();
+        self.snapshot_stats
+            .restored_builds
+            .store(count as u64, Ordering::Relaxed);
+        {
+            let mut builds = self
+                .builds
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            builds.ids = snapshot.builds.iter().map(|record| record.id.clone()).collect();
+            builds.by_id = snapshot
+                .builds
+                .into_iter()
+                .map(|record| (record.id.clone(), record))
+                .collect();
+            builds.numbers = snapshot.numbers;
+            builds.sequence = snapshot.events_sequence;
+        }
+        {
+            let mut changes = self.write_changes();
+            changes.list = snapshot.changes;
+            changes.sequence = snapshot.changes_sequence;
+        }
+        self.applied.send_replace(snapshot.events_sequence);
+        tracing::info!(
+            builds = count,
+            events_sequence = snapshot.events_sequence,
+            bytes = bytes.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "view restored from a snapshot; replaying the events after it"
+        );
+        (
+            StreamStart::After(snapshot.events_sequence),
+            StreamStart::After(snapshot.changes_sequence),
+        )
+    }
+
+    /// Writes a snapshot every `interval` in which the view changed, until `stop` fires.
+    async fn write_snapshots(
+        &self,
+        store: async_nats::jetstream::object_store::ObjectStore,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.tick().await;
+        let mut written = (0, 0);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some((bytes, sequences)) = self.encode_snapshot(written) else {
+                continue;
+            };
+            let started = std::time::Instant::now();
+            match store.put(subjects::UI_VIEW_SNAPSHOT, &mut bytes.as_slice()).await {
+                Ok(_) => {
+                    written = sequences;
+                    self.snapshot_stats
+                        .written_sequence
+                        .store(sequences.0, Ordering::Relaxed);
+                    tracing::debug!(
+                        bytes = bytes.len(),
+                        events_sequence = sequences.0,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "view snapshot written"
+                    );
+                }
+                Err(error) => tracing::warn!(%error, "view snapshot not written"),
+            }
+        }
+    }
+
+    /// The view as a snapshot, with its (events, changes) sequences; `None` if those are still
+    /// `written`.
+    fn encode_snapshot(&self, written: (u64, u64)) -> Option<(Vec<u8>, (u64, u64))> {
+        let builds = self.read_builds();
+        let changes = self
+            .changes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let sequences = (builds.sequence, changes.sequence);
+        if sequences == written {
+            return None;
+        }
+        let snapshot = Snapshot {
+            version: SNAPSHOT_VERSION,
+            events_sequence: builds.sequence,
+            changes_sequence: changes.sequence,
+            numbers: builds.numbers.clone(),
+            builds: builds.by_id.values().collect(),
+            changes: changes.list.iter().collect(),
+        };
+        Some((bus_schema::encode(&snapshot), sequences))
+    }
+
+    fn write_changes(&self) -> std::sync::RwLockWriteGuard<'_, Changes> {
         self.changes
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -114,11 +335,22 @@ impl View {
     }
 
     pub fn apply_event(&self, event: &BuildEvent) {
+        self.apply_event_at(0, event);
+    }
+
+    /// Applies the event stored at `sequence` of the events stream (0: not from the stream).
+    fn apply_event_at(&self, sequence: u64, event: &BuildEvent) {
         let mut builds = self
             .builds
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Builds { by_id, ids, numbers } = &mut *builds;
+        let Builds {
+            by_id,
+            ids,
+            numbers,
+            sequence: applied,
+        } = &mut *builds;
+        *applied = (*applied).max(sequence);
         let record = by_id.entry(event.build_id.clone()).or_insert_with(|| {
             ids.insert(event.build_id.clone());
             BuildRecord::placeholder(&event.build_id, event.at)
@@ -162,6 +394,11 @@ impl View {
         (states, results, waits)
     }
 
+    /// Events-stream sequence applied so far.
+    pub fn applied_sequence(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
     /// Waits until the view has applied the events stream up to `sequence` (at most `limit`).
     pub async fn wait_for_sequence(&self, sequence: u64, limit: Duration) {
         let mut applied = self.applied.subscribe();
@@ -200,7 +437,7 @@ impl View {
             .changes
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        changes.iter().rev().take(limit).cloned().collect()
+        changes.list.iter().rev().take(limit).cloned().collect()
     }
 
     /// Waiting steps whose build has not finished (a wait whose removal was missed is
