@@ -1,5 +1,7 @@
 //! The `yard` command: runs one Yardmaster role, or every role together with `yard up`.
 
+mod bench;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +45,34 @@ enum Command {
     Ui(UiArgs),
     /// Run an agent.
     Agent(AgentArgs),
+    /// Measure a scenario on this machine (see BENCHMARKS.md).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Print one JSON object instead of a readable summary.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// A UI master with N stored builds: full replay, snapshot, restart from it, and the
+    /// latency of `GET /api/v1/builds?limit=50`.
+    Ui {
+        /// Builds stored before the UI masters start.
+        #[arg(long, default_value_t = 100_000)]
+        builds: usize,
+        /// Listing requests timed after the restart.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Concurrent HTTP clients.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
 }
 
 #[derive(Args)]
@@ -184,6 +214,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Ok(())
             })?;
             run_master(config, &[Role::Ui], Vec::new(), services::shutdown::on_signals()).await
+        }
+        Command::Bench(args) => {
+            let result = match args.scenario {
+                Scenario::Ui {
+                    builds,
+                    requests,
+                    concurrency,
+                } => {
+                    bench::ui(bench::UiOptions {
+                        builds,
+                        requests,
+                        concurrency,
+                    })
+                    .await?
+                }
+            };
+            if args.json {
+                println!("{result}");
+            } else {
+                println!("{}", bench::summary(&result));
+            }
+            Ok(())
         }
         Command::Agent(args) => {
             let config = load_config(&args.role, |config| {

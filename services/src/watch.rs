@@ -63,7 +63,7 @@ pub fn follow_bucket(
                 let entry = tokio::select! {
                     entry = watch.next() => entry,
                     _ = silence => {
-                        tracing::warn!(bucket = %store.name, "bucket watch went quiet; restarting it");
+                        tracing::debug!(bucket = %store.name, "bucket watch went quiet; restarting it");
                         break;
                     }
                     _ = stop.cancelled() => return,

@@ -95,3 +95,54 @@ fn listening_beyond_loopback_without_tokens_is_refused() {
     });
     assert!(ui_master::auth::check_listen_address(&http, &world).is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_ui_masters_serve_the_same_builds_and_refuse_anonymous_writes() {
+    let mut deployment = yard_tests::deployment::Deployment::new(CONFIG);
+    deployment.master("scheduler", "sched-1");
+    deployment.master("engine", "engine-1");
+    deployment.agent("a1", "");
+    let uis = [deployment.ui("ui-1"), deployment.ui("ui-2")];
+    for api in &uis {
+        api.wait_healthy().await;
+    }
+    uis[0].wait_agents(1).await;
+    // Writes through either UI master need the token.
+    for api in &uis {
+        let (status, body) = api.post("/api/v1/builders/b/force", Value::Null).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let mut forced = Vec::new();
+    for api in &uis {
+        let alice = api.with_token("alice-token");
+        let build = alice.force("b", json!({})).await;
+        alice
+            .wait_finished(&build, std::time::Duration::from_secs(30))
+            .await;
+        forced.push(build);
+    }
+    // Each UI master answers from its own view of the bus: both show both builds, alike.
+    let listing = |api: yard_tests::api::Api| async move {
+        let (_, body) = api.get("/api/v1/builds?builder=b").await;
+        body["builds"].as_array().cloned().unwrap_or_default()
+    };
+    let first = yard_tests::wait_until(
+        "ui-1 to show both builds",
+        std::time::Duration::from_secs(30),
+        || async {
+            let builds = listing(uis[0].clone()).await;
+            (builds.len() == 2 && builds.iter().all(|build| build["result"] == "success")).then_some(builds)
+        },
+    )
+    .await;
+    yard_tests::wait_until(
+        "ui-2 to show what ui-1 shows",
+        std::time::Duration::from_secs(30),
+        || async { (listing(uis[1].clone()).await == first).then_some(()) },
+    )
+    .await;
+    let ids: Vec<&str> = first.iter().map(|build| build["id"].as_str().unwrap()).collect();
+    for build in &forced {
+        assert!(ids.contains(&build.as_str()), "{build} listed");
+    }
+}

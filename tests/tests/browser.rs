@@ -132,6 +132,34 @@ async fn a_forced_build_seen_live_in_chromium() {
              && document.querySelector('#builds tr td.state').textContent === 'success'",
         )
         .await;
+    // The filters: running builds, none; finished builds, this one.
+    let _: bool = browser
+        .eval(
+            "(() => { const s = document.getElementById('filter-state'); s.value = 'running'; \
+             s.dispatchEvent(new Event('change')); return true; })()",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the running filter to apply",
+            "location.hash === '#/builds?state=running' && !!document.getElementById('builds') \
+             && document.querySelectorAll('#builds tr').length === 0 \
+             && document.getElementById('filter-state').value === 'running'",
+        )
+        .await;
+    let _: bool = browser
+        .eval(
+            "(() => { const s = document.getElementById('filter-state'); s.value = 'finished'; \
+             s.dispatchEvent(new Event('change')); return true; })()",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the finished filter to show the build",
+            "location.hash === '#/builds?state=finished' \
+             && document.querySelectorAll('#builds tr').length === 1",
+        )
+        .await;
     let overflow: i64 = browser
         .eval("document.documentElement.scrollWidth - window.innerWidth")
         .await;

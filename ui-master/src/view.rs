@@ -129,8 +129,13 @@ impl View {
                 changes_start,
                 stop_for_streams.clone(),
             );
+            // What the restored snapshot holds need not be written again.
+            let restored = match (events_start, changes_start) {
+                (StreamStart::After(events), StreamStart::After(changes)) => (events, changes),
+                _ => (0, 0),
+            };
             if let (Some(store), false) = (store, snapshot_interval.is_zero()) {
-                view.write_snapshots(store, snapshot_interval, stop_for_streams)
+                view.write_snapshots(store, snapshot_interval, restored, stop_for_streams)
                     .await;
             }
         });
@@ -264,20 +269,24 @@ impl View {
 
     /// Writes a snapshot every `interval` in which the view changed, until `stop` fires.
     async fn write_snapshots(
-        &self,
+        self: &Arc<Self>,
         store: async_nats::jetstream::object_store::ObjectStore,
         interval: Duration,
+        mut written: (u64, u64),
         stop: CancellationToken,
     ) {
         let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
-        let mut written = (0, 0);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            let Some((bytes, sequences)) = self.encode_snapshot(written) else {
+            // Encoding a large view takes a while: off the async workers that answer requests.
+            let view = Arc::clone(self);
+            let encoded = tokio::task::spawn_blocking(move || view.encode_snapshot(written)).await;
+            let Ok(Some((bytes, sequences))) = encoded else {
                 continue;
             };
             let started = std::time::Instant::now();
