@@ -105,6 +105,12 @@ pub fn master_control(master_id: &str) -> String {
     format!("yard.master.{master_id}.control")
 }
 
+/// Where an engine answers whether it still drives a build: the request carries the build
+/// id, the reply is `yes` or `no`.
+pub fn engine_drives(engine_id: &str) -> String {
+    format!("yard.engine.{engine_id}.drives")
+}
+
 /// Name of the durable consumer through which one scheduler reads changes.
 pub fn scheduler_consumer(scheduler_name: &str) -> String {
     let safe: String = scheduler_name

@@ -130,13 +130,14 @@ pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
     // A build whose engine lives on lost its claim only because its acks did not get through
     // (a NATS node failing over): that engine still drives it, so leave it be and look again
     // after a claim timeout. Only a build whose engine is gone is adopted.
-    let driven_elsewhere = prior.as_ref().is_some_and(|record| {
-        record.result.is_none()
-            && record
-                .claimed_by
-                .last()
-                .is_some_and(|claimer| engine.other_engine_alive(claimer))
-    });
+    let claimer = prior
+        .as_ref()
+        .filter(|record| record.result.is_none())
+        .and_then(|record| record.claimed_by.last().cloned());
+    let driven_elsewhere = match &claimer {
+        Some(claimer) => engine.still_driven_by(claimer, &build_id).await,
+        None => false,
+    };
     if (redelivered && prior.is_none()) || driven_elsewhere {
         if driven_elsewhere {
             tracing::debug!(build = %build_id, "redelivered, but its engine is alive; leaving it to that engine");

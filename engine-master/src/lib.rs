@@ -60,7 +60,31 @@ pub(crate) struct Engine {
     pub masters: services::watch::Mirror<bus_schema::MasterRecord>,
 }
 
+/// How long an engine waits for another to say whether it still drives a build.
+const DRIVES_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Engine {
+    /// True if engine `claimer` (not this one) still drives `build_id`. It is asked; a live
+    /// engine answers, a dead one has no subscription (no responders). Only when the question
+    /// goes unanswered is the masters registry believed.
+    pub(crate) async fn still_driven_by(&self, claimer: &str, build_id: &str) -> bool {
+        if claimer == self.id {
+            return false;
+        }
+        let asked = tokio::time::timeout(
+            DRIVES_TIMEOUT,
+            self.bus
+                .client
+                .request(subjects::engine_drives(claimer), build_id.to_owned().into()),
+        )
+        .await;
+        match asked {
+            Ok(Ok(reply)) => reply.payload.as_ref() == b"yes",
+            Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::NoResponders => false,
+            _ => self.other_engine_alive(claimer),
+        }
+    }
+
     /// True if another engine `id` heartbeats in the masters registry (within `dead_after`).
     pub(crate) fn other_engine_alive(&self, id: &str) -> bool {
         if id == self.id {
@@ -141,6 +165,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
     );
     tokio::spawn(deadlock_loop(Arc::clone(&engine), listeners_stop.clone()));
     services::metrics::spawn_rtt_probe(engine.bus.clone(), "engine", listeners_stop.clone());
+    answer_drives_questions(Arc::clone(&engine), listeners_stop.clone()).await?;
 
     let builds = TaskTracker::new();
     claim_loop(&engine, &builds, &shutdown).await;
@@ -192,6 +217,34 @@ async fn reconcile_loop(engine: Arc<Engine>, stop: CancellationToken) {
             }
         }
     }
+}
+
+/// Answers other engines asking whether this one still drives a build (see
+/// [`Engine::still_driven_by`]), until `stop` fires.
+async fn answer_drives_questions(engine: Arc<Engine>, stop: CancellationToken) -> Result<(), Error> {
+    let mut questions = engine
+        .bus
+        .client
+        .subscribe(subjects::engine_drives(&engine.id))
+        .await
+        .map_err(|e| services::bus::Error::nats("listening for questions about driven builds", e))?;
+    tokio::spawn(async move {
+        loop {
+            let question = tokio::select! {
+                question = questions.next() => question,
+                _ = stop.cancelled() => return,
+            };
+            let Some(question) = question else { return };
+            let Some(reply_to) = question.reply else { continue };
+            let driving = std::str::from_utf8(&question.payload)
+                .is_ok_and(|build_id| engine.running.contains_key(build_id));
+            let answer: &'static [u8] = if driving { b"yes" } else { b"no" };
+            if let Err(error) = engine.bus.client.publish(reply_to, answer.into()).await {
+                tracing::debug!(%error, "answer about a driven build not sent");
+            }
+        }
+    });
+    Ok(())
 }
 
 /// How often the wait-for graph is searched for deadlocks.

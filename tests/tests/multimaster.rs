@@ -203,8 +203,12 @@ async fn killing_an_engine_and_a_scheduler_loses_nothing_and_runs_nothing_twice(
         api.wait_healthy().await;
     }
     uis[0].wait_agents(4).await;
-    let (_, masters) = uis[1].get("/api/v1/masters").await;
-    assert_eq!(masters["masters"].as_array().unwrap().len(), 7, "{masters}");
+    // Every master registers, and the UI master's view of the registry fills in.
+    let masters = wait_until("seven masters registered", Duration::from_secs(30), || async {
+        let (_, masters) = uis[1].get("/api/v1/masters").await;
+        (masters["masters"].as_array()?.len() == 7).then_some(masters)
+    })
+    .await;
     assert_eq!(masters["conflicts"], json!([]));
 
     let posting = tokio::spawn({
