@@ -50,6 +50,9 @@ pub struct Settings {
     /// Fixed speed score; measured at start when `None`.
     pub benchmark: Option<u64>,
     pub heartbeat: Duration,
+    /// Protocol version the agent announces: this release's, unless set otherwise to see
+    /// how masters of another release refuse it.
+    pub protocol: u32,
 }
 
 impl Settings {
@@ -65,6 +68,7 @@ impl Settings {
             instance: instance.to_owned(),
             benchmark: agent.benchmark,
             heartbeat: agent.heartbeat,
+            protocol: bus_schema::PROTOCOL_VERSION,
         }
     }
 }
@@ -279,6 +283,7 @@ pub async fn run(settings: Settings, bus: Bus, shutdown: CancellationToken) -> R
         .await
         .map_err(|e| services::bus::Error::nats("subscribing to the agent's work subject", e))?;
     registry::publish(&agent).await?;
+    registry::watch_for_refusal(&agent, shutdown.clone());
     tracing::info!(agent = %agent.settings.name, benchmark, "agent registered");
 
     let registry_stop = CancellationToken::new();

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use bus_schema::{AgentRecord, PROTOCOL_VERSION};
+use bus_schema::AgentRecord;
 use bytes::Bytes;
 use services::time::now;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +15,7 @@ fn record(agent: &Agent) -> AgentRecord {
         name: agent.settings.name.clone(),
         labels: agent.settings.labels.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
-        protocol: PROTOCOL_VERSION,
+        protocol: agent.settings.protocol,
         session: agent.session.clone(),
         benchmark: agent.benchmark,
         busy_with: agent.busy_with(),
@@ -27,7 +27,7 @@ fn record(agent: &Agent) -> AgentRecord {
 }
 
 pub(crate) async fn publish(agent: &Agent) -> Result<(), services::bus::Error> {
-    let payload = Bytes::from(bus_schema::encode(&record(agent)));
+    let payload = Bytes::from(bus_schema::encode_as(&record(agent), agent.settings.protocol));
     agent
         .bus
         .agents
@@ -35,6 +35,30 @@ pub(crate) async fn publish(agent: &Agent) -> Result<(), services::bus::Error> {
         .await
         .map_err(|e| services::bus::Error::nats("writing the agent record", e))?;
     Ok(())
+}
+
+/// Follows the masters registry and says in the log, once per master, when a master speaks
+/// another protocol version: that master refuses this agent, and no work comes from it.
+pub(crate) fn watch_for_refusal(agent: &Agent, stop: CancellationToken) {
+    let own = agent.settings.protocol;
+    let mut reported = std::collections::HashSet::new();
+    let _ready = services::watch::follow_bucket(agent.bus.masters.clone(), stop, None, move |change| {
+        let services::watch::BucketChange::Put { key, value } = change else {
+            return;
+        };
+        let Ok(theirs) = bus_schema::protocol_of(&value) else {
+            return;
+        };
+        if theirs != own && reported.insert(key.clone()) {
+            tracing::error!(
+                master = %key,
+                master_protocol = theirs,
+                agent_protocol = own,
+                "refused by master {key}: it speaks protocol {theirs}, this agent speaks protocol {own}; \
+                 no work comes from it until agent and masters run matching releases"
+            );
+        }
+    });
 }
 
 /// Publishes the record on every heartbeat tick and at once when occupancy changes.

@@ -33,13 +33,36 @@ struct VersionOnly {
 /// Encodes a message for the bus: MessagePack with named fields, so that fields can be added
 /// without breaking older readers.
 pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    encode_as(message, PROTOCOL_VERSION)
+}
+
+/// Encodes a message announcing protocol `version` (an agent started with another protocol
+/// version, to see how masters refuse it).
+pub fn encode_as<T: Serialize>(message: &T, version: u32) -> Vec<u8> {
     let envelope = EnvelopeRef {
-        v: PROTOCOL_VERSION,
+        v: version,
         m: message,
     };
     // Serializing plain data structs into a Vec cannot fail: no maps with non-string keys
     // and no I/O are involved.
     rmp_serde::to_vec_named(&envelope).expect("bus messages always serialize")
+}
+
+/// The protocol version a bus message was written with.
+pub fn protocol_of(payload: &[u8]) -> Result<u32, DecodeError> {
+    let version: VersionOnly = rmp_serde::from_slice(payload)?;
+    Ok(version.v)
+}
+
+/// Why masters speaking [`PROTOCOL_VERSION`] refuse an agent speaking `agent_protocol`, if
+/// they do.
+pub fn agent_refusal(agent_protocol: u32) -> Option<String> {
+    (agent_protocol != PROTOCOL_VERSION).then(|| {
+        format!(
+            "refused: the agent speaks protocol {agent_protocol}, the masters speak protocol \
+             {PROTOCOL_VERSION}; run agent and masters of matching releases"
+        )
+    })
 }
 
 /// Decodes a message from the bus, refusing other protocol versions before looking at the body.

@@ -12,7 +12,7 @@ pub mod subjects;
 pub mod time;
 
 pub use build::{BuildRecord, BuildResult, BuildState, StepRecord, StepResult, StepState};
-pub use codec::{decode, encode, DecodeError};
+pub use codec::{agent_refusal, decode, encode, encode_as, protocol_of, DecodeError};
 pub use messages::*;
 pub use time::Timestamp;
 

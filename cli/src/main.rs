@@ -110,6 +110,9 @@ struct AgentArgs {
     /// Fixed speed score instead of measuring one; overrides `[agent] benchmark`.
     #[arg(long)]
     benchmark: Option<u64>,
+    /// Announce another protocol version (to see how masters refuse a mismatched agent).
+    #[arg(long, hide = true)]
+    protocol: Option<u32>,
 }
 
 #[derive(Args)]
@@ -255,7 +258,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Ok(())
             })?;
             let bus = connect(&config, "yard-agent").await?;
-            let settings = agent::Settings::from_config(&config.agent, &config.instance.id);
+            let mut settings = agent::Settings::from_config(&config.agent, &config.instance.id);
+            if let Some(protocol) = args.protocol {
+                settings.protocol = protocol;
+            }
             agent::run(settings, bus.clone(), services::shutdown::on_signals()).await?;
             bus.close().await;
             Ok(())

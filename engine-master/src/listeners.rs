@@ -13,12 +13,30 @@ use crate::{Engine, StepOutcome};
 pub(crate) fn spawn_agents_watch(engine: Arc<Engine>, stop: CancellationToken) -> oneshot::Receiver<()> {
     let store = engine.bus.agents.clone();
     let silence = engine.config.engine.agent_timeout;
+    // Agents of another protocol version are refused: said once each, then left alone.
+    let mut refused = std::collections::HashSet::new();
     follow_bucket(store, stop, Some(silence), move |change| match change {
         BucketChange::Put { key, value } => match bus_schema::decode::<AgentRecord>(&value) {
-            Ok(record) => engine.directory.update(record),
+            Ok(record) => match bus_schema::agent_refusal(record.protocol) {
+                None => engine.directory.update(record),
+                Some(reason) => {
+                    if refused.insert(key.clone()) {
+                        tracing::warn!(agent = %key, "{reason}");
+                    }
+                }
+            },
+            Err(bus_schema::DecodeError::IncompatibleVersion { found, .. }) => {
+                if refused.insert(key.clone()) {
+                    let reason = bus_schema::agent_refusal(found).unwrap_or_default();
+                    tracing::warn!(agent = %key, "{reason}");
+                }
+            }
             Err(error) => tracing::warn!(agent = %key, %error, "ignoring an undecodable agent record"),
         },
-        BucketChange::Removed { key } => engine.directory.remove(&key),
+        BucketChange::Removed { key } => {
+            refused.remove(&key);
+            engine.directory.remove(&key);
+        }
     })
 }
 

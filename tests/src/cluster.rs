@@ -144,6 +144,7 @@ impl Cluster {
             instance: self.config.instance.id.clone(),
             benchmark: Some(spec.benchmark),
             heartbeat: self.config.agent.heartbeat,
+            protocol: bus_schema::PROTOCOL_VERSION,
         };
         let shutdown = self.agents_shutdown.clone();
         self.agent_tasks.push(tokio::spawn(async move {

@@ -122,28 +122,31 @@ impl Deployment {
 
     /// Starts an agent process.
     pub fn agent(&mut self, name: &str, labels: &str) {
+        self.agent_with_args(name, labels, &[]);
+    }
+
+    /// Starts an agent process with extra arguments.
+    pub fn agent_with_args(&mut self, name: &str, labels: &str, extra: &[&str]) {
         let nats = self.nats_url();
         let config = self.config_path.display().to_string();
         let workdir = self.dir.path().join("agents").join(name).display().to_string();
-        let process = YardProcess::start(
+        let mut args = vec![
+            "agent",
+            "--nats",
+            &nats,
+            "--config",
+            &config,
+            "--name",
             name,
-            self.dir.path(),
-            &[
-                "agent",
-                "--nats",
-                &nats,
-                "--config",
-                &config,
-                "--name",
-                name,
-                "--labels",
-                labels,
-                "--workdir",
-                &workdir,
-                "--benchmark",
-                "100",
-            ],
-        );
+            "--labels",
+            labels,
+            "--workdir",
+            &workdir,
+            "--benchmark",
+            "100",
+        ];
+        args.extend_from_slice(extra);
+        let process = YardProcess::start(name, self.dir.path(), &args);
         self.processes.insert(name.to_owned(), process);
     }
 

@@ -315,8 +315,10 @@ async fn list_agents(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .into_iter()
         .map(|agent| {
             let online = at.millis_since(agent.heartbeat_at) <= silence_limit;
+            let refusal = bus_schema::agent_refusal(agent.protocol);
             let status = match (&agent.busy_with, online) {
                 (_, false) => "offline",
+                _ if refusal.is_some() => "refused",
                 (Some(_), true) => "busy",
                 (None, true) => "idle",
             };
@@ -328,6 +330,7 @@ async fn list_agents(State(state): State<Arc<AppState>>) -> impl IntoResponse {
                 "benchmark": agent.benchmark,
                 "status": status,
                 "busy_with": agent.busy_with,
+                "refused": refusal,
                 "started_at": agent.started_at,
                 "last_heartbeat": agent.heartbeat_at,
             })

@@ -212,13 +212,14 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 
     let silence_limit = state.config.engine.agent_timeout.as_millis() as u64;
     let at = now();
-    let (mut busy, mut idle, mut offline) = (0, 0, 0);
+    let (mut busy, mut idle, mut offline, mut refused) = (0, 0, 0, 0);
     for agent in state.view.agents() {
         match (
             at.millis_since(agent.heartbeat_at) <= silence_limit,
             agent.busy_with.is_some(),
         ) {
             (false, _) => offline += 1,
+            _ if bus_schema::agent_refusal(agent.protocol).is_some() => refused += 1,
             (true, true) => busy += 1,
             (true, false) => idle += 1,
         }
@@ -227,7 +228,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         out,
         "# HELP yard_agents Agents by status.\n# TYPE yard_agents gauge"
     );
-    let _ = writeln!(out, "yard_agents{{status=\"busy\"}} {busy}\nyard_agents{{status=\"idle\"}} {idle}\nyard_agents{{status=\"offline\"}} {offline}");
+    let _ = writeln!(out, "yard_agents{{status=\"busy\"}} {busy}\nyard_agents{{status=\"idle\"}} {idle}\nyard_agents{{status=\"offline\"}} {offline}\nyard_agents{{status=\"refused\"}} {refused}");
 
     if let Ok(mut requests) = state.bus.stream(subjects::REQUESTS_STREAM).await {
         if let Ok(info) = requests.info().await {

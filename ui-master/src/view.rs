@@ -28,6 +28,29 @@ struct Builds {
     sequence: u64,
 }
 
+/// An agent's record; for an agent of another protocol version, whose record this release
+/// cannot read, what is known: its name, its protocol, and that it is alive now.
+fn agent_record(name: &str, value: &[u8]) -> Option<AgentRecord> {
+    match bus_schema::decode::<AgentRecord>(value) {
+        Ok(record) => Some(record),
+        Err(bus_schema::DecodeError::IncompatibleVersion { found, .. }) => {
+            let at = services::time::now();
+            Some(AgentRecord {
+                name: name.to_owned(),
+                labels: BTreeMap::new(),
+                version: "unknown".into(),
+                protocol: found,
+                session: String::new(),
+                benchmark: 0,
+                busy_with: None,
+                started_at: at,
+                heartbeat_at: at,
+            })
+        }
+        Err(_) => None,
+    }
+}
+
 #[derive(Default)]
 struct Changes {
     list: Vec<Change>,
@@ -150,7 +173,22 @@ impl View {
         mirror_bucket(&self.waits, bus.waits.clone(), stop.clone(), None, decoded);
         mirror_bucket(&self.pools, bus.pools.clone(), stop.clone(), None, raw);
         let agents_silence = Some(config.engine.agent_timeout);
-        mirror_bucket(&self.agents, bus.agents.clone(), stop, agents_silence, decoded);
+        let agents = Arc::clone(&self.agents);
+        let _ready =
+            services::watch::follow_bucket(bus.agents.clone(), stop, agents_silence, move |change| {
+                let mut agents = agents.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+                match change {
+                    services::watch::BucketChange::Put { key, value } => match agent_record(&key, &value) {
+                        Some(record) => {
+                            agents.insert(key, record);
+                        }
+                        None => tracing::warn!(agent = %key, "ignoring an undecodable agent record"),
+                    },
+                    services::watch::BucketChange::Removed { key } => {
+                        agents.remove(&key);
+                    }
+                }
+            });
     }
 
     fn follow_streams(
