@@ -95,9 +95,56 @@ struct Occupancy {
     finished: HashSet<(u32, u32)>,
 }
 
+/// The machine an agent process runs on, shared by every deployment it serves: it runs the
+/// steps of at most one build at a time across all of them.
+#[derive(Default)]
+pub struct Machine {
+    /// The instance whose build the machine runs, if any.
+    serving: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl Machine {
+    /// Takes the machine for `instance`; false if another instance has it.
+    fn take(&self, instance: &str) -> bool {
+        let mut taken = false;
+        self.serving.send_if_modified(|serving| match serving {
+            None => {
+                *serving = Some(instance.to_owned());
+                taken = true;
+                true
+            }
+            Some(current) => {
+                taken = current == instance;
+                false
+            }
+        });
+        taken
+    }
+
+    /// Gives the machine back, if `instance` has it.
+    fn release(&self, instance: &str) {
+        self.serving.send_if_modified(|serving| {
+            let mine = serving.as_deref() == Some(instance);
+            if mine {
+                *serving = None;
+            }
+            mine
+        });
+    }
+
+    /// True if another instance than `instance` has the machine.
+    fn serves_another(&self, instance: &str) -> bool {
+        self.serving
+            .borrow()
+            .as_deref()
+            .is_some_and(|current| current != instance)
+    }
+}
+
 /// State shared by the command loop, the step tasks and the registry task.
 struct Agent {
     settings: Settings,
+    machine: Arc<Machine>,
     session: String,
     benchmark: u64,
     bus: Bus,
@@ -162,6 +209,9 @@ impl Agent {
                             session: self.session.clone(),
                         };
                     }
+                    if occupancy.build_id.is_none() && !self.machine.take(&self.settings.instance) {
+                        return busy_elsewhere();
+                    }
                     occupancy.build_id = Some(assignment.build_id.clone());
                     let cancel = CancellationToken::new();
                     occupancy.running.insert(key, cancel.clone());
@@ -196,6 +246,7 @@ impl Agent {
                             }
                         }
                         Some(_) => false,
+                        None if !self.machine.take(&self.settings.instance) => return busy_elsewhere(),
                         None => {
                             occupancy.build_id = Some(build_id);
                             true
@@ -231,6 +282,7 @@ impl Agent {
                         }
                         occupancy.build_id = None;
                         occupancy.finished.clear();
+                        self.machine.release(&self.settings.instance);
                         true
                     } else {
                         false
@@ -253,8 +305,27 @@ impl Agent {
     }
 }
 
+/// The answer while the machine runs a build of another deployment: busy, without saying
+/// with what.
+fn busy_elsewhere() -> AgentReply {
+    AgentReply::Busy {
+        build_id: bus_schema::BUSY_ELSEWHERE.to_owned(),
+    }
+}
+
 /// Runs the agent until `shutdown` fires, then lets running steps finish and deregisters.
 pub async fn run(settings: Settings, bus: Bus, shutdown: CancellationToken) -> Result<(), Error> {
+    run_on(Arc::new(Machine::default()), settings, bus, shutdown).await
+}
+
+/// Runs the agent for one deployment on a `machine` it may share with other deployments (one
+/// `run_on` per `[[connection]]`), until `shutdown` fires.
+pub async fn run_on(
+    machine: Arc<Machine>,
+    settings: Settings,
+    bus: Bus,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     if !subjects::is_valid_token(&settings.name) {
         return Err(Error::BadName(settings.name));
     }
@@ -276,6 +347,7 @@ pub async fn run(settings: Settings, bus: Bus, shutdown: CancellationToken) -> R
         occupancy: Mutex::new(Occupancy::default()),
         occupancy_changed: tokio::sync::Notify::new(),
         settings,
+        machine,
     });
     let mut commands = bus
         .client

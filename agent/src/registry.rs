@@ -19,6 +19,7 @@ fn record(agent: &Agent) -> AgentRecord {
         session: agent.session.clone(),
         benchmark: agent.benchmark,
         busy_with: agent.busy_with(),
+        busy_elsewhere: agent.machine.serves_another(&agent.settings.instance),
         started_at: bus_schema::Timestamp(
             ulid::Ulid::from_string(&agent.session).map_or(0, |u| u.timestamp_ms()),
         ),
@@ -65,11 +66,14 @@ pub(crate) fn watch_for_refusal(agent: &Agent, stop: CancellationToken) {
 pub(crate) async fn heartbeat(agent: Arc<Agent>, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(agent.settings.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Another deployment taking or freeing the machine changes what this one should see.
+    let mut machine = agent.machine.serving.subscribe();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
             _ = agent.occupancy_changed.notified() => {}
+            Ok(()) = machine.changed() => {}
         }
         if let Err(error) = publish(&agent).await {
             // The next tick tries again; NATS may be reconnecting.

@@ -20,5 +20,9 @@ pub use time::Timestamp;
 /// incompatible major version instead of misreading them.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// What an agent answers `Busy` with, instead of a build id, while its machine runs a build
+/// of another deployment.
+pub const BUSY_ELSEWHERE: &str = "another-deployment";
+
 /// Oldest nats-server release that has what Yardmaster relies on (per-key TTL, KV limit markers).
 pub const MIN_NATS_SERVER_VERSION: (u64, u64, u64) = (2, 11, 0);

@@ -161,6 +161,10 @@ pub struct AgentRecord {
     pub benchmark: u64,
     /// The build whose steps the agent runs now, if any.
     pub busy_with: Option<String>,
+    /// The agent's machine runs a build of another deployment it serves (whose details are
+    /// not this deployment's business).
+    #[serde(default)]
+    pub busy_elsewhere: bool,
     pub started_at: Timestamp,
     pub heartbeat_at: Timestamp,
 }

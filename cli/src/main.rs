@@ -257,14 +257,48 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
                 Ok(())
             })?;
-            let bus = connect(&config, "yard-agent").await?;
-            let mut settings = agent::Settings::from_config(&config.agent, &config.instance.id);
-            if let Some(protocol) = args.protocol {
-                settings.protocol = protocol;
+            // One agent per deployment served ([[connection]], else [nats] and [instance]),
+            // all on one machine that runs one build at a time.
+            let deployments: Vec<(services::config::NatsConfig, String)> = if config.connections.is_empty() {
+                vec![(config.nats.clone(), config.instance.id.clone())]
+            } else {
+                config
+                    .connections
+                    .iter()
+                    .map(|connection| (connection.nats(&config.nats), connection.instance.clone()))
+                    .collect()
+            };
+            let machine = Arc::new(agent::Machine::default());
+            let shutdown = services::shutdown::on_signals();
+            let mut agents = Vec::new();
+            for (nats, instance) in deployments {
+                let bus = Bus::connect(&nats, &config.engine, &format!("yard-agent-{instance}")).await?;
+                let mut settings = agent::Settings::from_config(&config.agent, &instance);
+                if let Some(protocol) = args.protocol {
+                    settings.protocol = protocol;
+                }
+                let (machine, shutdown) = (Arc::clone(&machine), shutdown.clone());
+                agents.push(tokio::spawn(async move {
+                    let result = agent::run_on(machine, settings, bus.clone(), shutdown).await;
+                    bus.close().await;
+                    result
+                }));
             }
-            agent::run(settings, bus.clone(), services::shutdown::on_signals()).await?;
-            bus.close().await;
-            Ok(())
+            // One deployment's agent failing stops the others too.
+            let mut failure = None;
+            let mut pending = agents;
+            while !pending.is_empty() {
+                let (result, _, rest) = futures::future::select_all(pending).await;
+                pending = rest;
+                let error = match result {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(error)) => anyhow::Error::from(error),
+                    Err(panic) => anyhow::anyhow!("an agent stopped unexpectedly: {panic}"),
+                };
+                failure.get_or_insert(error);
+                shutdown.cancel();
+            }
+            failure.map_or(Ok(()), Err)
         }
     }
 }

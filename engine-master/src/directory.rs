@@ -27,9 +27,13 @@ struct AgentEntry {
 }
 
 impl AgentEntry {
-    /// The build the agent serves: this engine's assignment, else what the agent last said.
+    /// The build the agent serves: this engine's assignment, else what the agent last said
+    /// (`BUSY_ELSEWHERE` while its machine runs a build of another deployment).
     fn holder(&self) -> Option<&str> {
-        self.assigned_to.as_deref().or(self.record.busy_with.as_deref())
+        self.assigned_to
+            .as_deref()
+            .or(self.record.busy_with.as_deref())
+            .or(self.record.busy_elsewhere.then_some(bus_schema::BUSY_ELSEWHERE))
     }
 }
 
@@ -317,7 +321,10 @@ impl Directory {
         }
         let busy: Vec<String> = busy
             .into_iter()
-            .map(|(agent, build)| format!("{agent} (build {build})"))
+            .map(|(agent, build)| match build {
+                bus_schema::BUSY_ELSEWHERE => format!("{agent} (for another deployment)"),
+                build => format!("{agent} (build {build})"),
+            })
             .collect();
         if busy.is_empty() {
             format!("no idle agent matches {selector}; the matching agents are not responding")

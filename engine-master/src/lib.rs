@@ -255,7 +255,10 @@ fn record_grid_metrics(engine: &Engine, waits: &[bus_schema::WaitRecord]) {
     let metrics = services::metrics::EngineMetrics::get();
     let (mut busy, mut idle, mut offline) = (0, 0, 0);
     for record in engine.directory.records() {
-        match (engine.directory.record_alive(&record), record.busy_with.is_some()) {
+        match (
+            engine.directory.record_alive(&record),
+            record.busy_with.is_some() || record.busy_elsewhere,
+        ) {
             (false, _) => offline += 1,
             (true, true) => busy += 1,
             (true, false) => idle += 1,

@@ -32,6 +32,12 @@ pub enum Error {
     ServerTooOld { url: String, found: String },
     #[error("nats-server at {url} does not have JetStream enabled (start it with -js)")]
     NoJetStream { url: String },
+    #[error("cannot read the NATS credentials file {path}: {source}")]
+    Credentials {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{context}: {source}")]
     Nats {
         context: String,
@@ -95,7 +101,17 @@ impl Bus {
         }
         let mut attempt = 0;
         let client = loop {
-            let options = async_nats::ConnectOptions::new()
+            let mut options = async_nats::ConnectOptions::new();
+            if let Some(path) = &nats.credentials {
+                options = options
+                    .credentials_file(path)
+                    .await
+                    .map_err(|source| Error::Credentials {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+            }
+            let options = options
                 .name(client_name)
                 .ping_interval(Duration::from_secs(10))
                 .connection_timeout(Duration::from_secs(5))

@@ -57,6 +57,9 @@ pub struct YardConfig {
     /// Resource pools as they start; the API can change them at run time.
     #[serde(default, rename = "pool")]
     pub pools: Vec<PoolConfig>,
+    /// Deployments an agent serves at once; empty: the one of `[nats]` and `[instance]`.
+    #[serde(default, rename = "connection")]
+    pub connections: Vec<ConnectionConfig>,
     /// Where the configuration came from, for error messages.
     #[serde(skip)]
     pub origin: String,
@@ -94,6 +97,9 @@ pub struct NatsConfig {
     /// Upper bound of one JetStream request.
     #[serde(default = "default_request_timeout", with = "duration")]
     pub request_timeout: Duration,
+    /// A NATS credentials file (user JWT and seed), when the servers require one.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
 }
 
 impl Default for NatsConfig {
@@ -102,6 +108,33 @@ impl Default for NatsConfig {
             url: default_nats_url(),
             replicas: default_replicas(),
             request_timeout: default_request_timeout(),
+            credentials: None,
+        }
+    }
+}
+
+/// One deployment an agent serves (`[[connection]]`): an agent process listing several serves
+/// them all at once, one build at a time across them, keeping each one's files under
+/// `<workdir>/<instance>/`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// The deployment's NATS server URL(s), comma-separated.
+    pub url: String,
+    /// A NATS credentials file for this deployment.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    /// The deployment's `[instance] id`.
+    pub instance: String,
+}
+
+impl ConnectionConfig {
+    /// The NATS settings of this connection, the rest taken from `base`.
+    pub fn nats(&self, base: &NatsConfig) -> NatsConfig {
+        NatsConfig {
+            url: self.url.clone(),
+            credentials: self.credentials.clone(),
+            ..base.clone()
         }
     }
 }
@@ -643,6 +676,28 @@ impl YardConfig {
         }
         if self.masters.dead_after <= self.masters.heartbeat {
             return Err(self.invalid("masters.dead_after", "must be longer than masters.heartbeat"));
+        }
+        let mut instances = HashSet::new();
+        for (position, connection) in self.connections.iter().enumerate() {
+            let key = format!("connection[{position}]");
+            if !bus_schema::subjects::is_valid_token(&connection.instance) {
+                return Err(self.invalid(
+                    format!("{key}.instance"),
+                    format!("{:?}: use letters, digits, `-` and `_` only", connection.instance),
+                ));
+            }
+            if !instances.insert(connection.instance.as_str()) {
+                return Err(self.invalid(
+                    format!("{key}.instance"),
+                    format!(
+                        "{:?} is listed twice: each connection is one deployment",
+                        connection.instance
+                    ),
+                ));
+            }
+            if connection.url.trim().is_empty() {
+                return Err(self.invalid(format!("{key}.url"), "must not be empty"));
+            }
         }
         if let Some(name) = &self.agent.name {
             if !bus_schema::subjects::is_valid_token(name) {

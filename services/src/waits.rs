@@ -256,6 +256,7 @@ mod tests {
 
     fn agent(name: &str, group: &str, busy_with: Option<&str>) -> AgentRecord {
         AgentRecord {
+            busy_elsewhere: false,
             name: name.into(),
             labels: [("group".to_owned(), group.to_owned())].into(),
             version: "test".into(),

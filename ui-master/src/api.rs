@@ -320,6 +320,7 @@ async fn list_agents(State(state): State<Arc<AppState>>) -> impl IntoResponse {
                 (_, false) => "offline",
                 _ if refusal.is_some() => "refused",
                 (Some(_), true) => "busy",
+                (None, true) if agent.busy_elsewhere => "busy",
                 (None, true) => "idle",
             };
             json!({
@@ -330,6 +331,7 @@ async fn list_agents(State(state): State<Arc<AppState>>) -> impl IntoResponse {
                 "benchmark": agent.benchmark,
                 "status": status,
                 "busy_with": agent.busy_with,
+                "busy_elsewhere": agent.busy_elsewhere,
                 "refused": refusal,
                 "started_at": agent.started_at,
                 "last_heartbeat": agent.heartbeat_at,

@@ -216,7 +216,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     for agent in state.view.agents() {
         match (
             at.millis_since(agent.heartbeat_at) <= silence_limit,
-            agent.busy_with.is_some(),
+            agent.busy_with.is_some() || agent.busy_elsewhere,
         ) {
             (false, _) => offline += 1,
             _ if bus_schema::agent_refusal(agent.protocol).is_some() => refused += 1,

@@ -43,6 +43,7 @@ fn agent_record(name: &str, value: &[u8]) -> Option<AgentRecord> {
                 session: String::new(),
                 benchmark: 0,
                 busy_with: None,
+                busy_elsewhere: false,
                 started_at: at,
                 heartbeat_at: at,
             })
