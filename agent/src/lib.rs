@@ -9,6 +9,7 @@
 mod benchmark;
 mod registry;
 mod step;
+mod toolkits;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -53,6 +54,8 @@ pub struct Settings {
     /// Protocol version the agent announces: this release's, unless set otherwise to see
     /// how masters of another release refuse it.
     pub protocol: u32,
+    /// Largest size of this deployment's toolkit cache.
+    pub toolkit_cache_bytes: u64,
 }
 
 impl Settings {
@@ -69,6 +72,7 @@ impl Settings {
             benchmark: agent.benchmark,
             heartbeat: agent.heartbeat,
             protocol: bus_schema::PROTOCOL_VERSION,
+            toolkit_cache_bytes: agent.toolkit_cache_bytes,
         }
     }
 }
@@ -145,6 +149,7 @@ impl Machine {
 struct Agent {
     settings: Settings,
     machine: Arc<Machine>,
+    toolkits: toolkits::ToolkitCache,
     session: String,
     benchmark: u64,
     bus: Bus,
@@ -346,6 +351,7 @@ pub async fn run_on(
         bus: bus.clone(),
         occupancy: Mutex::new(Occupancy::default()),
         occupancy_changed: tokio::sync::Notify::new(),
+        toolkits: toolkits::ToolkitCache::new(instance_dir.join("toolkits"), settings.toolkit_cache_bytes),
         settings,
         machine,
     });

@@ -2,6 +2,7 @@
 //! chunks, its end reported as a step-finished event once every log chunk is stored.
 
 use std::future::IntoFuture;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -91,12 +92,40 @@ async fn execute(
             workspace.display()
         )))
         .await;
+    // Toolkits first: fetched if missing, their bin/ ahead on the PATH.
+    let mut path: Vec<PathBuf> = Vec::new();
+    for spec in &assignment.toolkits {
+        match agent.toolkits.ensure(&agent.bus, spec).await {
+            Ok(dir) => {
+                let _ = lines
+                    .send(header(format!("toolkit {spec} from {}", dir.display())))
+                    .await;
+                path.push(dir.join("bin"));
+            }
+            Err(message) => {
+                return Outcome {
+                    result: StepResult::Exception,
+                    exit_code: None,
+                    message: Some(message),
+                }
+            }
+        }
+    }
+    let inherited = assignment
+        .env
+        .get("PATH")
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_default();
+    path.extend(std::env::split_paths(&inherited));
+    let path = std::env::join_paths(path).unwrap_or_else(|_| inherited.clone().into());
     let mut command = tokio::process::Command::new("/bin/sh");
     command
         .arg("-c")
         .arg(&assignment.command)
         .current_dir(&workspace)
         .envs(&assignment.env)
+        .env("PATH", path)
         .env("YARD_WORKSPACE", &workspace)
         .env("YARD_AGENT", &agent.settings.name)
         .stdin(Stdio::null())

@@ -172,6 +172,9 @@ pub struct AgentRecord {
 /// Work for an agent: one command step of one build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepAssignment {
+    /// Toolkits (`NAME@VERSION`) the agent fetches and puts on the step's PATH first.
+    #[serde(default)]
+    pub toolkits: Vec<String>,
     pub build_id: String,
     pub builder: String,
     pub index: u32,

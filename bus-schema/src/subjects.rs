@@ -47,6 +47,8 @@ pub const LEASES_BUCKET: &str = "yard-leases";
 pub const LEASE_SECONDS: u64 = 10;
 /// Object store of UI masters' view snapshots, so that a restart replays only the tail.
 pub const SNAPSHOTS_BUCKET: &str = "yard-snapshots";
+/// Object store of toolkits: one object `NAME@VERSION` per published toolkit.
+pub const TOOLKITS_BUCKET: &str = "yard-toolkits";
 /// The object holding the latest snapshot of a UI master's view.
 pub const UI_VIEW_SNAPSHOT: &str = "ui-view";
 

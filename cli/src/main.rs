@@ -47,6 +47,24 @@ enum Command {
     Agent(AgentArgs),
     /// Measure a scenario on this machine (see BENCHMARKS.md).
     Bench(BenchArgs),
+    /// Manage toolkits: versioned bundles of files agents fetch for the steps that need them.
+    #[command(subcommand)]
+    Toolkit(ToolkitCommand),
+}
+
+#[derive(Subcommand)]
+enum ToolkitCommand {
+    /// Publish the directory DIR as toolkit NAME@VERSION (its `bin/` goes on steps' PATH).
+    Push {
+        #[command(flatten)]
+        role: RoleArgs,
+        /// The directory to publish.
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+    },
 }
 
 #[derive(Args)]
@@ -217,6 +235,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Ok(())
             })?;
             run_master(config, &[Role::Ui], Vec::new(), services::shutdown::on_signals()).await
+        }
+        Command::Toolkit(ToolkitCommand::Push {
+            role,
+            dir,
+            name,
+            version,
+        }) => {
+            if !dir.is_dir() {
+                bail!("{} is not a directory", dir.display());
+            }
+            let config = load_config(&role, |_| Ok(()))?;
+            let bus = connect(&config, "yard-toolkit").await?;
+            let sha256 = services::toolkits::push(&bus, config.nats.replicas, &name, &version, &dir).await?;
+            bus.close().await;
+            println!("pushed toolkit {name}@{version} (sha256 {sha256})");
+            Ok(())
         }
         Command::Bench(args) => {
             let result = match args.scenario {

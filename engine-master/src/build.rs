@@ -939,7 +939,11 @@ impl BuildDriver {
     async fn run_command(&self, builder: &BuilderConfig, node: &FlatStep<'_>, agent: &str) -> NodeEnd {
         let index = node.index;
         let attempt = self.attempt();
+        let mut toolkits = builder.toolkits.clone();
+        toolkits.extend(node.step.toolkits.iter().cloned());
+        toolkits.dedup();
         let assignment = StepAssignment {
+            toolkits,
             build_id: self.id().to_owned(),
             builder: builder.name.clone(),
             index,

@@ -32,6 +32,8 @@ pub enum Error {
     ServerTooOld { url: String, found: String },
     #[error("nats-server at {url} does not have JetStream enabled (start it with -js)")]
     NoJetStream { url: String },
+    #[error("{0}")]
+    BadToolkit(String),
     #[error("cannot read the NATS credentials file {path}: {source}")]
     Credentials {
         path: String,

@@ -327,6 +327,13 @@ pub struct AgentConfig {
     pub benchmark: Option<u64>,
     #[serde(default = "default_heartbeat", with = "duration")]
     pub heartbeat: Duration,
+    /// Largest size of the toolkits kept per deployment; the least recently used go first.
+    #[serde(default = "default_toolkit_cache_bytes")]
+    pub toolkit_cache_bytes: u64,
+}
+
+fn default_toolkit_cache_bytes() -> u64 {
+    1 << 30
 }
 
 impl Default for AgentConfig {
@@ -336,6 +343,7 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             workdir: None,
             benchmark: None,
+            toolkit_cache_bytes: default_toolkit_cache_bytes(),
             heartbeat: default_heartbeat(),
         }
     }
@@ -362,6 +370,9 @@ pub struct BuilderConfig {
     pub retries: u32,
     #[serde(default)]
     pub deadlock: DeadlockPolicy,
+    /// Toolkits (`NAME@VERSION`) every step of the builder needs.
+    #[serde(default)]
+    pub toolkits: Vec<String>,
 }
 
 fn default_retries() -> u32 {
@@ -439,6 +450,9 @@ pub struct StepConfig {
     pub timeout: Option<Duration>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Toolkits (`NAME@VERSION`) this step needs besides its builder's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub toolkits: Vec<String>,
 }
 
 /// A resource pool: the servers of one role.
@@ -728,6 +742,7 @@ impl YardConfig {
             if builder.steps.is_empty() {
                 return Err(self.invalid(format!("{key}.steps"), "a builder needs at least one step"));
             }
+            self.validate_toolkits(&builder.toolkits, &format!("{key}.toolkits"))?;
             self.validate_steps(&builder.steps, &format!("{key}.steps"))?;
         }
         let mut roles = HashSet::new();
@@ -780,9 +795,22 @@ impl YardConfig {
         Ok(())
     }
 
+    fn validate_toolkits(&self, toolkits: &[String], key: &str) -> Result<(), Error> {
+        for spec in toolkits {
+            if crate::toolkits::parse_spec(spec).is_none() {
+                return Err(self.invalid(
+                    key,
+                    format!("{spec:?}: a toolkit is NAME@VERSION (letters, digits, `-`, `_`; the version also `.`)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_steps(&self, steps: &[StepConfig], key: &str) -> Result<(), Error> {
         for (position, step) in steps.iter().enumerate() {
             let step_key = format!("{key}[{position}]");
+            self.validate_toolkits(&step.toolkits, &format!("{step_key}.toolkits"))?;
             if step.name.trim().is_empty() || step.name.contains('/') {
                 return Err(self.invalid(format!("{step_key}.name"), "must not be empty or contain `/`"));
             }

@@ -15,6 +15,7 @@ pub mod selector;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;
+pub mod toolkits;
 pub mod waits;
 pub mod watch;
 

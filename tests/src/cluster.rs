@@ -145,6 +145,7 @@ impl Cluster {
             benchmark: Some(spec.benchmark),
             heartbeat: self.config.agent.heartbeat,
             protocol: bus_schema::PROTOCOL_VERSION,
+            toolkit_cache_bytes: self.config.agent.toolkit_cache_bytes,
         };
         let shutdown = self.agents_shutdown.clone();
         self.agent_tasks.push(tokio::spawn(async move {

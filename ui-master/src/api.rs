@@ -29,6 +29,7 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/api/v1/builders", get(list_builders))
         .route("/api/v1/builders/{name}/force", post(force_build))
         .route("/api/v1/agents", get(list_agents))
+        .route("/api/v1/toolkits", get(list_toolkits))
         .route("/api/v1/masters", get(list_masters))
         .route("/api/v1/waits", get(list_waits))
         .route("/api/v1/pools", get(list_pools))
@@ -304,6 +305,11 @@ async fn list_builders(State(state): State<Arc<AppState>>) -> impl IntoResponse 
         })
         .collect();
     Json(json!({ "builders": builders }))
+}
+
+async fn list_toolkits(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    let toolkits = services::toolkits::list(&state.bus, state.config.nats.replicas).await?;
+    Ok(Json(json!({ "toolkits": toolkits })))
 }
 
 async fn list_agents(State(state): State<Arc<AppState>>) -> impl IntoResponse {

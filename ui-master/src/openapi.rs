@@ -83,6 +83,12 @@ const OPERATIONS: &[(&str, &str, &str, &[u16])] = &[
     ),
     ("get", "/api/v1/openapi.json", "This description", &[200]),
     (
+        "get",
+        "/api/v1/toolkits",
+        "Published toolkits: name, version, size, sha256",
+        &[200, 503],
+    ),
+    (
         "post",
         "/hooks/github",
         "GitHub hook (X-Hub-Signature-256)",
