@@ -56,6 +56,9 @@ pub struct Settings {
     pub protocol: u32,
     /// Largest size of this deployment's toolkit cache.
     pub toolkit_cache_bytes: u64,
+    /// Report every step a success at once instead of running it (simulated agents of
+    /// `yard bench`, which measure Yardmaster rather than the commands).
+    pub simulate: bool,
 }
 
 impl Settings {
@@ -73,6 +76,7 @@ impl Settings {
             heartbeat: agent.heartbeat,
             protocol: bus_schema::PROTOCOL_VERSION,
             toolkit_cache_bytes: agent.toolkit_cache_bytes,
+            simulate: false,
         }
     }
 }

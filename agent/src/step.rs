@@ -69,6 +69,13 @@ async fn execute(
     cancel: &CancellationToken,
     lines: mpsc::Sender<LogLine>,
 ) -> Outcome {
+    if agent.settings.simulate {
+        return Outcome {
+            result: StepResult::Success,
+            exit_code: Some(0),
+            message: None,
+        };
+    }
     let header = |text: String| LogLine {
         stream: LogStream::Header,
         text,

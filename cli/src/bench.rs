@@ -3,6 +3,11 @@
 //! `ui`: N finished builds stored on the bus; a UI master folds them all (full replay) and
 //! snapshots its view; a second UI master starts from the snapshot; then
 //! `GET /api/v1/builds?limit=50` is timed under concurrent load.
+//!
+//! `throughput` and `latency`: an engine master and K simulated agents (each with its own
+//! NATS connection, reporting every step a success without running it) in this process;
+//! build requests are stored on the bus as a scheduler would, and the builds' events are
+//! watched on the bus.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +83,206 @@ pub async fn ui(options: UiOptions) -> anyhow::Result<serde_json::Value> {
         "requests": options.requests,
         "concurrency": options.concurrency,
         "requests_per_s": round(options.requests as f64 / wall),
+        "p50_ms": round(percentile(&latencies, 0.50)),
+        "p99_ms": round(percentile(&latencies, 0.99)),
+        "max_ms": round(percentile(&latencies, 1.0)),
+    }))
+}
+
+/// Options of `yard bench throughput` and `yard bench latency`.
+pub struct GridOptions {
+    pub builds: usize,
+    pub agents: usize,
+}
+
+/// An engine master and simulated agents on a private nats-server.
+struct Grid {
+    _data: tempfile::TempDir,
+    server: NatsServer,
+    bus: Bus,
+    shutdown: CancellationToken,
+    agents_shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Grid {
+    async fn start(agents: usize) -> anyhow::Result<Grid> {
+        let data = tempfile::tempdir().context("cannot create a temporary directory")?;
+        let binary = NatsServer::locate_binary()?;
+        let server = NatsServer::start(&binary, &data.path().join("nats"), None)?;
+        let mut config = YardConfig::from_toml(Some(BENCH_CONFIG), "bench configuration", Vec::new())?;
+        config.nats.url = server.url().to_owned();
+        config.masters.id = Some("bench-engine".into());
+        config.validate()?;
+        let config = Arc::new(config);
+        let bus = Bus::connect(&config.nats, &config.engine, "yard-bench").await?;
+        let (shutdown, agents_shutdown) = (CancellationToken::new(), CancellationToken::new());
+        let mut tasks = Vec::new();
+        let engine_bus = Bus::connect(&config.nats, &config.engine, "yard-bench-engine").await?;
+        let (engine_config, stop) = (Arc::clone(&config), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = engine_master::run(engine_config, engine_bus, stop).await {
+                eprintln!("engine failed: {error}");
+            }
+        }));
+        for number in 0..agents {
+            let agent_bus = Bus::connect(&config.nats, &config.engine, "yard-bench-agent").await?;
+            let mut settings = agent::Settings::from_config(&config.agent, &config.instance.id);
+            settings.name = format!("sim-{number}");
+            settings.workdir = data.path().join("agents");
+            settings.benchmark = Some(100);
+            settings.simulate = true;
+            let stop = agents_shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(error) = agent::run(settings, agent_bus, stop).await {
+                    eprintln!("simulated agent failed: {error}");
+                }
+            }));
+        }
+        // Ready when every agent is registered.
+        let started = Instant::now();
+        loop {
+            let registered = match bus.agents.keys().await {
+                Ok(keys) => futures::StreamExt::count(keys).await,
+                Err(_) => 0,
+            };
+            if registered >= agents {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("only {registered} of {agents} simulated agents registered");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The engine claims once it has read the agents; give its follower a moment to catch up.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(Grid {
+            _data: data,
+            server,
+            bus,
+            shutdown,
+            agents_shutdown,
+            tasks,
+        })
+    }
+
+    fn request(number: usize) -> BuildRequest {
+        BuildRequest {
+            build_id: ulid::Ulid::new().to_string(),
+            builder: "bench".into(),
+            reason: format!("bench build {number}"),
+            properties: Default::default(),
+            changes: Vec::new(),
+            priority: 0,
+            requested_at: services::time::now(),
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.agents_shutdown.cancel();
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+        self.bus.close().await;
+        self.server.stop();
+    }
+}
+
+/// N builds of one step on K simulated agents, all requested at once: sustained builds/s.
+pub async fn throughput(options: GridOptions) -> anyhow::Result<serde_json::Value> {
+    let grid = Grid::start(options.agents).await?;
+    let mut finished = grid
+        .bus
+        .client
+        .subscribe(bus_schema::subjects::event("*", "finished"))
+        .await
+        .context("watching finished builds")?;
+    let started = Instant::now();
+    let submit = {
+        let bus = grid.bus.clone();
+        let count = options.builds;
+        tokio::spawn(async move {
+            let stored = futures::StreamExt::buffer_unordered(
+                futures::stream::iter((0..count).map(|number| {
+                    let bus = bus.clone();
+                    async move { bus.store_build_request(&Grid::request(number)).await }
+                })),
+                256,
+            );
+            futures::StreamExt::collect::<Vec<_>>(stored).await
+        })
+    };
+    let mut done = 0;
+    while done < options.builds {
+        match tokio::time::timeout(Duration::from_secs(120), futures::StreamExt::next(&mut finished)).await {
+            Ok(Some(_)) => done += 1,
+            _ => bail!("only {done} of {} builds finished", options.builds),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let failures = submit.await?.into_iter().filter(Result::is_err).count();
+    grid.stop().await;
+    if failures > 0 {
+        bail!("{failures} build requests were not stored");
+    }
+    Ok(serde_json::json!({
+        "scenario": "throughput",
+        "builds": options.builds,
+        "agents": options.agents,
+        "seconds": round(elapsed),
+        "builds_per_s": round(options.builds as f64 / elapsed),
+    }))
+}
+
+/// Build request stored to step started on an idle agent, one build at a time.
+pub async fn latency(options: GridOptions) -> anyhow::Result<serde_json::Value> {
+    let grid = Grid::start(options.agents).await?;
+    let mut started_steps = grid
+        .bus
+        .client
+        .subscribe(bus_schema::subjects::event("*", "step_started"))
+        .await
+        .context("watching started steps")?;
+    let mut finished = grid
+        .bus
+        .client
+        .subscribe(bus_schema::subjects::event("*", "finished"))
+        .await
+        .context("watching finished builds")?;
+    let mut latencies = Vec::with_capacity(options.builds);
+    for number in 0..options.builds {
+        let request = Grid::request(number);
+        let sent = Instant::now();
+        grid.bus.store_build_request(&request).await?;
+        let wanted = bus_schema::subjects::event(&request.build_id, "step_started");
+        loop {
+            let message = tokio::time::timeout(
+                Duration::from_secs(30),
+                futures::StreamExt::next(&mut started_steps),
+            )
+            .await
+            .ok()
+            .flatten()
+            .with_context(|| format!("build {number} did not start"))?;
+            if message.subject.as_str() == wanted {
+                break;
+            }
+        }
+        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+        // Idle agents again before the next one.
+        tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::next(&mut finished))
+            .await
+            .ok()
+            .flatten()
+            .with_context(|| format!("build {number} did not finish"))?;
+    }
+    grid.stop().await;
+    latencies.sort_by(f64::total_cmp);
+    Ok(serde_json::json!({
+        "scenario": "latency",
+        "builds": options.builds,
+        "agents": options.agents,
         "p50_ms": round(percentile(&latencies, 0.50)),
         "p99_ms": round(percentile(&latencies, 0.99)),
         "max_ms": round(percentile(&latencies, 1.0)),
@@ -277,6 +482,28 @@ fn metric(text: &str, name: &str) -> Option<u64> {
 /// The human summary of a bench result.
 pub fn summary(result: &serde_json::Value) -> String {
     let figure = |name: &str| result[name].as_f64().unwrap_or_default();
+    match result["scenario"].as_str() {
+        Some("throughput") => {
+            return format!(
+                "throughput: {} builds on {} simulated agents in {:.2} s: {:.0} builds/s",
+                result["builds"],
+                result["agents"],
+                figure("seconds"),
+                figure("builds_per_s")
+            )
+        }
+        Some("latency") => {
+            return format!(
+                "latency (request stored to step started, idle agents): {} builds on {} agents: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                result["builds"],
+                result["agents"],
+                figure("p50_ms"),
+                figure("p99_ms"),
+                figure("max_ms")
+            )
+        }
+        _ => {}
+    }
     format!(
         "ui: {} builds ({} events)\n  full replay        {:.2} s\n  snapshot written   {:.2} s\n  restart: serving   {:.2} s, every build shown {:.2} s\n  GET /api/v1/builds?limit=50: {:.0} requests/s ({} clients), p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         result["builds"],

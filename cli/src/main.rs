@@ -78,6 +78,20 @@ struct BenchArgs {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// N one-step builds on K simulated agents, requested at once: sustained builds/s.
+    Throughput {
+        #[arg(long, default_value_t = 2_000)]
+        builds: usize,
+        #[arg(long, default_value_t = 20)]
+        agents: usize,
+    },
+    /// Build request stored to step started on an idle agent: p50, p99, max.
+    Latency {
+        #[arg(long, default_value_t = 500)]
+        builds: usize,
+        #[arg(long, default_value_t = 4)]
+        agents: usize,
+    },
     /// A UI master with N stored builds: full replay, snapshot, restart from it, and the
     /// latency of `GET /api/v1/builds?limit=50`.
     Ui {
@@ -254,6 +268,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench(args) => {
             let result = match args.scenario {
+                Scenario::Throughput { builds, agents } => {
+                    bench::throughput(bench::GridOptions { builds, agents }).await?
+                }
+                Scenario::Latency { builds, agents } => {
+                    bench::latency(bench::GridOptions { builds, agents }).await?
+                }
                 Scenario::Ui {
                     builds,
                     requests,

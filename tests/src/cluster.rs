@@ -146,6 +146,7 @@ impl Cluster {
             heartbeat: self.config.agent.heartbeat,
             protocol: bus_schema::PROTOCOL_VERSION,
             toolkit_cache_bytes: self.config.agent.toolkit_cache_bytes,
+            simulate: false,
         };
         let shutdown = self.agents_shutdown.clone();
         self.agent_tasks.push(tokio::spawn(async move {

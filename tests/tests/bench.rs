@@ -57,3 +57,52 @@ fn the_ui_scenario_reports_every_figure() {
         "ordered percentiles: {result}"
     );
 }
+
+/// Runs `yard bench ARGS --json` and returns its one JSON object.
+fn bench(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(yard_binary())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .env("YARD_LOG", "warn")
+        .output()
+        .expect("yard bench runs");
+    assert!(
+        output.status.success(),
+        "yard bench {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|error| panic!("one JSON object expected ({error}):\n{stdout}"))
+}
+
+#[test]
+fn the_throughput_scenario_runs_every_build_on_simulated_agents() {
+    let result = bench(&["throughput", "--builds", "200", "--agents", "5"]);
+    assert_eq!(result["scenario"], "throughput");
+    assert_eq!(result["builds"], 200);
+    assert_eq!(result["agents"], 5);
+    let (seconds, rate) = (
+        result["seconds"].as_f64().expect("seconds"),
+        result["builds_per_s"].as_f64().expect("builds_per_s"),
+    );
+    assert!(seconds > 0.0 && rate > 0.0, "{result}");
+    assert!(
+        (rate * seconds - 200.0).abs() < 2.0,
+        "the rate is builds over seconds: {result}"
+    );
+}
+
+#[test]
+fn the_latency_scenario_reports_ordered_percentiles() {
+    let result = bench(&["latency", "--builds", "30", "--agents", "2"]);
+    assert_eq!(result["scenario"], "latency");
+    assert_eq!(result["builds"], 30);
+    let (p50, p99, max) = (
+        result["p50_ms"].as_f64().expect("p50"),
+        result["p99_ms"].as_f64().expect("p99"),
+        result["max_ms"].as_f64().expect("max"),
+    );
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{result}");
+}
