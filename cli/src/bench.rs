@@ -213,11 +213,14 @@ pub async fn throughput(options: GridOptions) -> anyhow::Result<serde_json::Valu
             futures::StreamExt::collect::<Vec<_>>(stored).await
         })
     };
-    let mut done = 0;
-    while done < options.builds {
+    // A `finished` event published again (its first ack lost) counts once.
+    let mut done = std::collections::HashSet::new();
+    while done.len() < options.builds {
         match tokio::time::timeout(Duration::from_secs(120), futures::StreamExt::next(&mut finished)).await {
-            Ok(Some(_)) => done += 1,
-            _ => bail!("only {done} of {} builds finished", options.builds),
+            Ok(Some(message)) => {
+                done.insert(message.subject.to_string());
+            }
+            _ => bail!("only {} of {} builds finished", done.len(), options.builds),
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
