@@ -864,6 +864,10 @@ impl BuildDriver {
             since: now(),
             pool: None,
         };
+        // Nothing stays in flight while the build waits: a JetStream context allows a bounded
+        // number of unacknowledged publishes, and thousands of waiting builds holding theirs
+        // would block every publish of the engine.
+        self.flush_events().await;
         let payload = bytes::Bytes::from(bus_schema::encode(&record));
         let mut refresh = tokio::time::interval(WAIT_REFRESH);
         let agent = loop {
@@ -965,6 +969,8 @@ impl BuildDriver {
                 if let Some(hold) = self.holds().get_mut(agent) {
                     hold.session.clone_from(&session);
                 }
+                // Nothing in flight while the step runs (see wait_for_agent).
+                self.flush_events().await;
                 self.await_step(agent, &session, index, result_rx).await
             }
             Ok(AgentReply::AlreadyFinished { .. }) => {

@@ -225,8 +225,12 @@ async fn role_scope_shares_a_server_across_roles_and_global_scope_does_not() {
             .contains("pool red"),
         "{waiting}"
     );
-    let (_, pool) = api.get("/api/v1/pools/red").await;
-    assert_eq!(pool["queue"][0]["build"], global.as_str(), "{pool}");
+    // The step says it waits as it joins the queue; the queue shows it a moment later.
+    wait_until("the global build in the red queue", DEADLINE, || async {
+        let (_, pool) = api.get("/api/v1/pools/red").await;
+        (pool["queue"][0]["build"] == global.as_str()).then_some(())
+    })
+    .await;
     std::fs::write(dir.join(&red), "").unwrap();
     api.wait_finished(&red, DEADLINE).await;
     assert_eq!(
