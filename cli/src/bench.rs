@@ -154,8 +154,26 @@ impl Grid {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // The engine claims once it has read the agents; give its follower a moment to catch up.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Ready when the engine pulls build requests (it does once it has read the agents).
+        loop {
+            let pulling = async {
+                let mut consumer: async_nats::jetstream::consumer::PullConsumer = bus
+                    .stream(bus_schema::subjects::REQUESTS_STREAM)
+                    .await
+                    .ok()?
+                    .get_consumer(bus_schema::subjects::ENGINES_CONSUMER)
+                    .await
+                    .ok()?;
+                Some(consumer.info().await.ok()?.num_waiting > 0)
+            };
+            if pulling.await == Some(true) {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("the engine did not start pulling build requests");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(Grid {
             _data: data,
             server,
@@ -164,6 +182,15 @@ impl Grid {
             agents_shutdown,
             tasks,
         })
+    }
+
+    /// Every build event of `kind` from now on.
+    async fn events(&self, kind: &str) -> anyhow::Result<async_nats::Subscriber> {
+        self.bus
+            .client
+            .subscribe(bus_schema::subjects::event("*", kind))
+            .await
+            .with_context(|| format!("watching {kind} events"))
     }
 
     fn request(number: usize) -> BuildRequest {
@@ -192,12 +219,7 @@ impl Grid {
 /// N builds of one step on K simulated agents, all requested at once: sustained builds/s.
 pub async fn throughput(options: GridOptions) -> anyhow::Result<serde_json::Value> {
     let grid = Grid::start(options.agents).await?;
-    let mut finished = grid
-        .bus
-        .client
-        .subscribe(bus_schema::subjects::event("*", "finished"))
-        .await
-        .context("watching finished builds")?;
+    let mut finished = grid.events("finished").await?;
     let started = Instant::now();
     let submit = {
         let bus = grid.bus.clone();
@@ -241,18 +263,8 @@ pub async fn throughput(options: GridOptions) -> anyhow::Result<serde_json::Valu
 /// Build request stored to step started on an idle agent, one build at a time.
 pub async fn latency(options: GridOptions) -> anyhow::Result<serde_json::Value> {
     let grid = Grid::start(options.agents).await?;
-    let mut started_steps = grid
-        .bus
-        .client
-        .subscribe(bus_schema::subjects::event("*", "step_started"))
-        .await
-        .context("watching started steps")?;
-    let mut finished = grid
-        .bus
-        .client
-        .subscribe(bus_schema::subjects::event("*", "finished"))
-        .await
-        .context("watching finished builds")?;
+    let mut started_steps = grid.events("step_started").await?;
+    let mut finished = grid.events("finished").await?;
     let mut latencies = Vec::with_capacity(options.builds);
     for number in 0..options.builds {
         let request = Grid::request(number);

@@ -10,7 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bus_schema::{subjects, BuildRequest, CancelRequest, Change, LogChunk, LogStream};
+use bus_schema::{subjects, BuildRecord, BuildRequest, CancelRequest, Change, LogChunk, LogStream};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use services::time::now;
@@ -96,17 +96,23 @@ async fn get_build(
         .ok_or_else(|| ApiError::NotFound(format!("no build {id}")))
 }
 
-async fn step_log(
-    State(state): State<Arc<AppState>>,
-    Path((id, index)): Path<(String, u32)>,
-) -> Result<impl IntoResponse, ApiError> {
+/// The build `id`, if it has a step `index`; 404 saying which is missing otherwise.
+pub(crate) fn build_with_step(state: &AppState, id: &str, index: u32) -> Result<BuildRecord, ApiError> {
     let build = state
         .view
-        .build(&id)
+        .build(id)
         .ok_or_else(|| ApiError::NotFound(format!("no build {id}")))?;
     if index as usize >= build.steps.len() {
         return Err(ApiError::NotFound(format!("build {id} has no step {index}")));
     }
+    Ok(build)
+}
+
+async fn step_log(
+    State(state): State<Arc<AppState>>,
+    Path((id, index)): Path<(String, u32)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let build = build_with_step(&state, &id, index)?;
     let messages = state
         .bus
         .read_all(subjects::LOGS_STREAM, &subjects::step_log(&id, index))

@@ -66,13 +66,7 @@ async fn log_stream(
     State(state): State<Arc<AppState>>,
     Path((id, index)): Path<(String, u32)>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let build = state
-        .view
-        .build(&id)
-        .ok_or_else(|| ApiError::NotFound(format!("no build {id}")))?;
-    if index as usize >= build.steps.len() {
-        return Err(ApiError::NotFound(format!("build {id} has no step {index}")));
-    }
+    let build = crate::api::build_with_step(&state, &id, index)?;
     let consumer = state
         .bus
         .stream(subjects::LOGS_STREAM)
