@@ -2,6 +2,7 @@
 //! on every heartbeat, by one task so that writes never overtake each other.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bus_schema::AgentRecord;
 use bytes::Bytes;
@@ -62,18 +63,31 @@ pub(crate) fn watch_for_refusal(agent: &Agent, stop: CancellationToken) {
     });
 }
 
-/// Publishes the record on every heartbeat tick and at once when occupancy changes.
+/// Occupancy changes published closer together than this are merged into one write: an
+/// agent running many short builds would otherwise write its record twice per build.
+const OCCUPANCY_COALESCE: Duration = Duration::from_millis(50);
+
+/// Publishes the record on every heartbeat tick and soon after occupancy changes (at once,
+/// unless the last change was written less than [`OCCUPANCY_COALESCE`] ago).
 pub(crate) async fn heartbeat(agent: Arc<Agent>, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(agent.settings.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Another deployment taking or freeing the machine changes what this one should see.
     let mut machine = agent.machine.serving.subscribe();
+    let mut last_change_written = tokio::time::Instant::now() - OCCUPANCY_COALESCE;
     loop {
-        tokio::select! {
+        let changed = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-            _ = agent.occupancy_changed.notified() => {}
-            Ok(()) = machine.changed() => {}
+            _ = ticker.tick() => false,
+            _ = agent.occupancy_changed.notified() => true,
+            Ok(()) = machine.changed() => true,
+        };
+        if changed {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(last_change_written + OCCUPANCY_COALESCE) => {}
+            }
+            last_change_written = tokio::time::Instant::now();
         }
         if let Err(error) = publish(&agent).await {
             // The next tick tries again; NATS may be reconnecting.

@@ -20,6 +20,8 @@ use crate::Agent;
 const MAX_LINE_BYTES: usize = 64 * 1024;
 /// A chunk is published when it holds this many bytes, or when no more lines are waiting.
 const MAX_CHUNK_BYTES: usize = 256 * 1024;
+/// Log chunks of one step published and not yet confirmed stored, at most.
+const MAX_CHUNKS_IN_FLIGHT: usize = 256;
 
 struct Outcome {
     result: StepResult,
@@ -271,7 +273,8 @@ async fn publish_logs(
     mut lines: mpsc::Receiver<LogLine>,
 ) {
     let subject = subjects::step_log(&build_id, index);
-    let mut in_flight = Vec::new();
+    let mut in_flight = std::collections::VecDeque::new();
+    let mut unstored = Vec::new();
     let mut seq = 0u32;
     while let Some(first) = lines.recv().await {
         let mut size = first.text.len();
@@ -295,15 +298,19 @@ async fn publish_logs(
         let id = subjects::log_chunk_id(&build_id, attempt, index, seq);
         seq += 1;
         let ack = publish_chunk(&bus, &subject, &id, payload.clone()).await;
-        in_flight.push((id, payload, ack));
+        in_flight.push_back((id, payload, ack));
+        // A JetStream context lets only so many publishes wait for their acks; a long log
+        // must not hold them all.
+        if in_flight.len() > MAX_CHUNKS_IN_FLIGHT {
+            if let Some((id, payload, ack)) = in_flight.pop_front() {
+                if !chunk_stored(ack).await {
+                    unstored.push((id, payload));
+                }
+            }
+        }
     }
-    let mut unstored = Vec::new();
     for (id, payload, ack) in in_flight {
-        let stored = match ack {
-            Some(ack) => ack.into_future().await.is_ok(),
-            None => false,
-        };
-        if !stored {
+        if !chunk_stored(ack).await {
             unstored.push((id, payload));
         }
     }
@@ -317,11 +324,7 @@ async fn publish_logs(
         delay = (delay * 2).min(Duration::from_secs(5));
         let mut still_unstored = Vec::new();
         for (id, payload) in unstored {
-            let stored = match publish_chunk(&bus, &subject, &id, payload.clone()).await {
-                Some(ack) => ack.into_future().await.is_ok(),
-                None => false,
-            };
-            if !stored {
+            if !chunk_stored(publish_chunk(&bus, &subject, &id, payload.clone()).await).await {
                 still_unstored.push((id, payload));
             }
         }
@@ -350,6 +353,14 @@ async fn publish_chunk(
             tracing::debug!(%error, "log chunk not published");
             None
         }
+    }
+}
+
+/// True once JetStream confirmed it stored a published chunk.
+async fn chunk_stored(ack: Option<async_nats::jetstream::context::PublishAckFuture>) -> bool {
+    match ack {
+        Some(ack) => ack.into_future().await.is_ok(),
+        None => false,
     }
 }
 

@@ -13,6 +13,11 @@ use services::telemetry::{self, LogFormat};
 use services::{Bus, YardConfig};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: the masters allocate and free many small buffers per build (messages, events,
+/// records), which it serves faster than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The configuration `yard up` runs when no `--config` is given.
 const DEMO_CONFIG: &str = include_str!("../demo.toml");
 
@@ -85,12 +90,45 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         agents: usize,
     },
-    /// Build request stored to step started on an idle agent: p50, p99, max.
+    /// Build request stored to step started: p50, p99, max; one build at a time on idle
+    /// agents, or with requests arriving at --rate per second.
     Latency {
         #[arg(long, default_value_t = 500)]
         builds: usize,
         #[arg(long, default_value_t = 4)]
         agents: usize,
+        /// Builds requested per second, whether or not earlier ones have started.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// K simulated agents registered and heartbeating against an engine master process: its
+    /// CPU while idle, its memory per agent, and dispatch latency among them.
+    Agents {
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        /// Builds timed one at a time once every agent is registered.
+        #[arg(long, default_value_t = 200)]
+        builds: usize,
+        /// Seconds the engine's idle CPU is measured over.
+        #[arg(long, default_value_t = 10)]
+        idle_seconds: u64,
+    },
+    /// N requests stored while every master is down, then the masters started again: time to
+    /// the first dispatch and to an empty queue.
+    Backlog {
+        #[arg(long, default_value_t = 100_000)]
+        builds: usize,
+        #[arg(long, default_value_t = 50)]
+        agents: usize,
+    },
+    /// K real agents each running a step that prints N lines, tailed through a UI master:
+    /// log lines/s from agents to its clients.
+    Logs {
+        #[arg(long, default_value_t = 4)]
+        agents: usize,
+        /// Lines each step prints.
+        #[arg(long, default_value_t = 250_000)]
+        lines: usize,
     },
     /// A UI master with N stored builds: full replay, snapshot, restart from it, and the
     /// latency of `GET /api/v1/builds?limit=50`.
@@ -104,6 +142,12 @@ enum Scenario {
         /// Concurrent HTTP clients.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// Clients of the live-update stream timed receiving build changes.
+        #[arg(long, default_value_t = 1_000)]
+        sse_clients: usize,
+        /// Build changes timed to each of them.
+        #[arg(long, default_value_t = 20)]
+        sse_updates: usize,
     },
 }
 
@@ -269,20 +313,45 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => {
             let result = match args.scenario {
                 Scenario::Throughput { builds, agents } => {
-                    bench::throughput(bench::GridOptions { builds, agents }).await?
+                    bench::throughput(bench::GridOptions {
+                        builds,
+                        agents,
+                        rate: None,
+                    })
+                    .await?
                 }
-                Scenario::Latency { builds, agents } => {
-                    bench::latency(bench::GridOptions { builds, agents }).await?
+                Scenario::Latency { builds, agents, rate } => {
+                    bench::latency(bench::GridOptions { builds, agents, rate }).await?
                 }
+                Scenario::Agents {
+                    agents,
+                    builds,
+                    idle_seconds,
+                } => {
+                    bench::agents(bench::AgentsOptions {
+                        agents,
+                        builds,
+                        idle_seconds,
+                    })
+                    .await?
+                }
+                Scenario::Backlog { builds, agents } => {
+                    bench::backlog(bench::BacklogOptions { builds, agents }).await?
+                }
+                Scenario::Logs { agents, lines } => bench::logs(bench::LogsOptions { agents, lines }).await?,
                 Scenario::Ui {
                     builds,
                     requests,
                     concurrency,
+                    sse_clients,
+                    sse_updates,
                 } => {
                     bench::ui(bench::UiOptions {
                         builds,
                         requests,
                         concurrency,
+                        sse_clients,
+                        sse_updates,
                     })
                     .await?
                 }

@@ -32,6 +32,8 @@ use crate::{Engine, StepOutcome};
 const AGENT_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a waiting step refreshes its entry in the waits bucket (whose entries expire).
 const WAIT_REFRESH: Duration = Duration::from_secs(10);
+/// How long a step waits for an agent before its wait is recorded in the waits bucket.
+const WAIT_RECORD_AFTER: Duration = Duration::from_millis(250);
 
 /// Claims one build request and drives the build to its end.
 pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
@@ -869,7 +871,11 @@ impl BuildDriver {
         // would block every publish of the engine.
         self.flush_events().await;
         let payload = bytes::Bytes::from(bus_schema::encode(&record));
-        let mut refresh = tokio::time::interval(WAIT_REFRESH);
+        // Most waits end within moments when agents turn over quickly: only a wait that lasts
+        // is recorded, which is all the deadlock detector and the waits view need.
+        let mut refresh =
+            tokio::time::interval_at(tokio::time::Instant::now() + WAIT_RECORD_AFTER, WAIT_REFRESH);
+        let mut recorded = false;
         let agent = loop {
             tokio::select! {
                 agent = &mut ready => break agent.ok(),
@@ -882,13 +888,14 @@ impl BuildDriver {
                     break None;
                 }
                 _ = refresh.tick() => {
+                    recorded = true;
                     if let Err(error) = self.engine.bus.waits.put(&key, payload.clone()).await {
                         tracing::debug!(%error, "wait not recorded");
                     }
                 }
             }
         };
-        for try_number in 1..=5u64 {
+        for try_number in (1..=5u64).filter(|_| recorded) {
             match self.engine.bus.waits.delete(&key).await {
                 Ok(()) => break,
                 Err(error) => {

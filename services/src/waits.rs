@@ -183,36 +183,58 @@ pub fn pool_holders(
     result
 }
 
-/// Builds that cannot finish: the complement of the least fixed point of "can finish".
+/// Builds that cannot finish: the complement of the least fixed point of "can finish" (a
+/// build can finish when each of its waits ends: a free agent, none at all, or a holder that
+/// is not waiting or can finish). Worked out in time linear in the edges and holders.
 fn deadlocked_builds(edges: &[WaitEdge]) -> BTreeSet<String> {
     let waiting: BTreeSet<&str> = edges.iter().map(|edge| edge.build_id.as_str()).collect();
-    let mut can_finish: BTreeSet<String> = BTreeSet::new();
-    loop {
-        let mut changed = false;
-        for build in &waiting {
-            if can_finish.contains(*build) {
-                continue;
-            }
-            let all_waits_end = edges.iter().filter(|edge| edge.build_id == *build).all(|edge| {
-                edge.free_agent
-                    || edge.no_agent
-                    || edge
-                        .held_by
-                        .values()
-                        .any(|holder| !waiting.contains(holder.as_str()) || can_finish.contains(holder))
-            });
-            if all_waits_end {
-                can_finish.insert((*build).to_owned());
-                changed = true;
+    // Waits of each build not yet known to end, and the waits each waiting holder could end.
+    let mut open_waits: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut ended_by: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    let mut ready: Vec<&str> = Vec::new();
+    for (number, edge) in edges.iter().enumerate() {
+        let open = open_waits.entry(edge.build_id.as_str()).or_default();
+        let ends = edge.free_agent
+            || edge.no_agent
+            || edge
+                .held_by
+                .values()
+                .any(|holder| !waiting.contains(holder.as_str()));
+        if !ends {
+            *open += 1;
+            for holder in edge.held_by.values() {
+                ended_by.entry(holder.as_str()).or_default().push(number);
             }
         }
-        if !changed {
-            break;
+    }
+    ready.extend(
+        open_waits
+            .iter()
+            .filter(|(_, open)| **open == 0)
+            .map(|(build, _)| *build),
+    );
+    let mut ended = vec![false; edges.len()];
+    let mut can_finish: BTreeSet<&str> = BTreeSet::new();
+    while let Some(build) = ready.pop() {
+        if !can_finish.insert(build) {
+            continue;
+        }
+        for &number in ended_by.get(build).into_iter().flatten() {
+            if std::mem::replace(&mut ended[number], true) {
+                continue;
+            }
+            let waiter = edges[number].build_id.as_str();
+            if let Some(open) = open_waits.get_mut(waiter) {
+                *open -= 1;
+                if *open == 0 {
+                    ready.push(waiter);
+                }
+            }
         }
     }
     waiting
         .into_iter()
-        .filter(|build| !can_finish.contains(*build))
+        .filter(|build| !can_finish.contains(build))
         .map(str::to_owned)
         .collect()
 }

@@ -75,17 +75,20 @@ async fn the_page_the_live_stream_and_the_metrics() {
     }
     assert!(openapi["paths"]["/api/v1/pools/{role}"]["put"].is_object());
 
-    let (status, metrics) = api.get_text("/metrics").await;
-    assert_eq!(status, 200);
-    for line in [
+    // The agent records itself idle again a moment after the build's end.
+    let expected = [
         r#"yard_builds_finished_total{result="success"} 1"#,
         r#"yard_agents{status="idle"} 1"#,
         "yard_build_wait_seconds_count 1",
         "yard_request_queue_length 0",
         r#"yard_bus_rtt_seconds{role="ui"} "#,
-    ] {
-        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
-    }
+    ];
+    let metrics = wait_until("every expected metric", Duration::from_secs(10), || async {
+        let (status, metrics) = api.get_text("/metrics").await;
+        (status == 200 && expected.iter().all(|line| metrics.contains(line))).then_some(metrics)
+    })
+    .await;
+    assert!(metrics.contains("# TYPE yard_agents gauge"), "{metrics}");
     cluster.stop().await;
 }
 

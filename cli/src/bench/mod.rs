@@ -1,0 +1,114 @@
+//! `yard bench`: measured scenarios on this machine, each against a private nats-server
+//! (see BENCHMARKS.md for what each measures and the figures).
+//!
+//! - `ui` ([`ui`]): a UI master with N stored builds, and live updates to many SSE clients.
+//! - `throughput`, `latency`, `agents`, `backlog` ([`grid`]): engines and simulated agents.
+//! - `logs` ([`logs`]): real agents running steps that print, their logs tailed through a
+//!   UI master.
+
+mod grid;
+mod logs;
+mod ui;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use services::nats_server::NatsServer;
+use services::{Bus, YardConfig};
+
+pub use grid::{agents, backlog, latency, throughput, AgentsOptions, BacklogOptions, GridOptions};
+pub use logs::{logs, LogsOptions};
+pub use ui::{ui, UiOptions};
+
+/// One builder, `bench`, whose single step runs `true`.
+const BENCH_CONFIG: &str = r#"
+[http]
+listen = "127.0.0.1:0"
+snapshot_interval = "1s"
+
+[[builder]]
+name = "bench"
+[[builder.steps]]
+name = "true"
+run = "true"
+"#;
+
+/// A private nats-server in a temporary directory, and a configuration pointing at it.
+struct Nats {
+    data: tempfile::TempDir,
+    server: NatsServer,
+    config: Arc<YardConfig>,
+    /// The configuration as TOML, for `yard` processes the scenario starts.
+    config_text: String,
+}
+
+impl Nats {
+    /// Starts the server; `config` is the TOML the masters and agents run with.
+    fn start(config: &str) -> anyhow::Result<Nats> {
+        let data = tempfile::tempdir().context("cannot create a temporary directory")?;
+        let binary = NatsServer::locate_binary()?;
+        let server = NatsServer::start(&binary, &data.path().join("nats"), None)?;
+        let config_text = format!("{config}\n[nats]\nurl = \"{}\"\n", server.url());
+        let config = YardConfig::from_toml(Some(&config_text), "bench configuration", Vec::new())?;
+        config.validate()?;
+        Ok(Nats {
+            data,
+            server,
+            config: Arc::new(config),
+            config_text,
+        })
+    }
+
+    async fn connect(&self, name: &str) -> anyhow::Result<Bus> {
+        Ok(Bus::connect(&self.config.nats, &self.config.engine, name).await?)
+    }
+
+    fn stop(self) {
+        self.server.stop();
+    }
+}
+
+fn round(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+/// The `share` quantile of `sorted` (milliseconds).
+fn percentile(sorted: &[f64], share: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 * share).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index]
+}
+
+/// p50, p99 and max of `latencies` (milliseconds), as JSON fields named `{prefix}p50_ms`...
+fn quantiles(prefix: &str, mut latencies: Vec<f64>) -> serde_json::Map<String, serde_json::Value> {
+    latencies.sort_by(f64::total_cmp);
+    let mut fields = serde_json::Map::new();
+    for (name, share) in [("p50", 0.50), ("p99", 0.99), ("max", 1.0)] {
+        fields.insert(
+            format!("{prefix}{name}_ms"),
+            round(percentile(&latencies, share)).into(),
+        );
+    }
+    fields
+}
+
+/// The human summary of a bench result: the scenario, then one figure per line.
+pub fn summary(result: &serde_json::Value) -> String {
+    let mut text = format!("{}:", result["scenario"].as_str().unwrap_or("bench"));
+    if let Some(fields) = result.as_object() {
+        let width = fields.keys().map(String::len).max().unwrap_or(0);
+        for (name, value) in fields.iter().filter(|(name, _)| *name != "scenario") {
+            let value = match value {
+                serde_json::Value::Number(number) => match number.as_f64() {
+                    Some(float) if float.fract() != 0.0 => format!("{float:.3}"),
+                    _ => number.to_string(),
+                },
+                other => other.to_string(),
+            };
+            text.push_str(&format!("\n  {name:<width$}  {value}"));
+        }
+    }
+    text
+}
