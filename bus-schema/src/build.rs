@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{BuildEvent, BuildEventKind, BuildRequest, Change, Timestamp};
 
+/// How many steps a build can have. The fold ignores what an event says of a step at an index
+/// past it, so that one malformed event cannot make it allocate records for billions of steps.
+pub const MAX_STEPS: u32 = 10_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BuildState {
@@ -199,8 +203,11 @@ impl BuildRecord {
     }
 
     /// The step `index` of `attempt`: the current steps, or those of an earlier attempt that
-    /// a late event still speaks of.
-    fn step_mut(&mut self, attempt: u32, index: u32) -> &mut StepRecord {
+    /// a late event still speaks of. None past [`MAX_STEPS`].
+    fn step_mut(&mut self, attempt: u32, index: u32) -> Option<&mut StepRecord> {
+        if index >= MAX_STEPS {
+            return None;
+        }
         let current = self.retries.len() as u32;
         let steps = match self.retries.get_mut(attempt as usize) {
             Some(retry) if attempt < current => &mut retry.steps,
@@ -211,7 +218,7 @@ impl BuildRecord {
             let next = steps.len() as u32;
             steps.push(StepRecord::pending(next));
         }
-        &mut steps[position]
+        Some(&mut steps[position])
     }
 
     /// The attempt the build is on: 0, or the number of retries so far.
@@ -241,7 +248,9 @@ impl BuildRecord {
                 self.claimed_by.push(engine.clone());
                 let attempt = self.attempt();
                 for (index, planned) in steps.iter().enumerate() {
-                    let step = self.step_mut(attempt, index as u32);
+                    let Some(step) = self.step_mut(attempt, index as u32) else {
+                        break;
+                    };
                     step.name.clone_from(&planned.name);
                     step.path.clone_from(&planned.path);
                     step.kind.clone_from(&planned.kind);
@@ -270,7 +279,9 @@ impl BuildRecord {
                 attempt,
                 reason,
             } => {
-                let step = self.step_mut(*attempt, *index);
+                let Some(step) = self.step_mut(*attempt, *index) else {
+                    return;
+                };
                 if step.state < StepState::Waiting {
                     step.state = StepState::Waiting;
                     step.message = Some(reason.clone());
@@ -286,7 +297,9 @@ impl BuildRecord {
                 }
                 self.advance(BuildState::Running);
                 self.started_at.get_or_insert(event.at);
-                let step = self.step_mut(*attempt, *index);
+                let Some(step) = self.step_mut(*attempt, *index) else {
+                    return;
+                };
                 // Steps the engine carries out itself (pool acquisitions) run on no agent.
                 step.agent = (!agent.is_empty()).then(|| agent.clone());
                 step.started_at = Some(event.at);
@@ -302,7 +315,9 @@ impl BuildRecord {
                 exit_code,
                 message,
             } => {
-                let step = self.step_mut(*attempt, *index);
+                let Some(step) = self.step_mut(*attempt, *index) else {
+                    return;
+                };
                 step.state = StepState::Finished;
                 step.result = Some(*result);
                 step.exit_code = *exit_code;
@@ -310,7 +325,9 @@ impl BuildRecord {
                 step.finished_at = Some(event.at);
             }
             BuildEventKind::StepSkipped { index, attempt } => {
-                let step = self.step_mut(*attempt, *index);
+                let Some(step) = self.step_mut(*attempt, *index) else {
+                    return;
+                };
                 if step.state == StepState::Pending {
                     step.state = StepState::Skipped;
                 }
@@ -370,6 +387,64 @@ mod tests {
             priority: 0,
             requested_at: Timestamp(1),
         }
+    }
+
+    #[test]
+    fn steps_past_the_limit_are_ignored_not_allocated() {
+        let mut record = BuildRecord::requested(&request());
+        for index in [u32::MAX, MAX_STEPS] {
+            record.apply(&event(
+                BuildEventKind::StepStarted {
+                    index,
+                    attempt: 0,
+                    agent: "a1".into(),
+                },
+                3,
+            ));
+            record.apply(&event(
+                BuildEventKind::StepFinished {
+                    index,
+                    attempt: 0,
+                    result: StepResult::Success,
+                    exit_code: Some(0),
+                    message: None,
+                },
+                4,
+            ));
+            record.apply(&event(BuildEventKind::StepSkipped { index, attempt: 0 }, 5));
+            record.apply(&event(
+                BuildEventKind::StepWaiting {
+                    index,
+                    attempt: 0,
+                    reason: "no agent".into(),
+                },
+                6,
+            ));
+        }
+        assert!(record.steps.is_empty());
+        assert_eq!(record.state, BuildState::Running);
+        let planned = PlannedStep {
+            name: "s".into(),
+            path: "s".into(),
+            kind: "command".into(),
+        };
+        record.apply(&event(
+            BuildEventKind::Claimed {
+                engine: "e1".into(),
+                steps: vec![planned; MAX_STEPS as usize + 5],
+            },
+            7,
+        ));
+        assert_eq!(record.steps.len(), MAX_STEPS as usize);
+        record.apply(&event(
+            BuildEventKind::StepStarted {
+                index: MAX_STEPS - 1,
+                attempt: 0,
+                agent: "a1".into(),
+            },
+            8,
+        ));
+        assert_eq!(record.steps[MAX_STEPS as usize - 1].state, StepState::Running);
     }
 
     #[test]

@@ -69,6 +69,10 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
+/// A year past every [`Timestamp`] (whose last is in year 584,556,019), small enough for
+/// [`days_from_civil`] to compute without overflow.
+const MAX_YEAR: i64 = 1_000_000_000;
+
 /// Parses the RFC 3339 form that `Display` writes (UTC, `Z`, optional fraction).
 fn parse_rfc3339(text: &str) -> Option<Timestamp> {
     let text = text.strip_suffix('Z')?;
@@ -77,7 +81,14 @@ fn parse_rfc3339(text: &str) -> Option<Timestamp> {
     let year: i64 = date_parts.next()?.parse().ok()?;
     let month: u32 = date_parts.next()?.parse().ok()?;
     let day: u32 = date_parts.next()?.parse().ok()?;
+    if year > MAX_YEAR {
+        return None;
+    }
     let (clock, fraction) = time.split_once('.').unwrap_or((time, "0"));
+    // Only digits, so that cutting it after three bytes cuts no character in two.
+    if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let mut clock_parts = clock.splitn(3, ':');
     let hour: u64 = clock_parts.next()?.parse().ok()?;
     let minute: u64 = clock_parts.next()?.parse().ok()?;
@@ -87,9 +98,10 @@ fn parse_rfc3339(text: &str) -> Option<Timestamp> {
         return None;
     }
     let days = u64::try_from(days_from_civil(year, month, day)).ok()?;
-    Some(Timestamp(
-        ((days * 86_400 + hour * 3600 + minute * 60 + second) * 1000) + millis,
-    ))
+    let seconds = days
+        .checked_mul(86_400)?
+        .checked_add(hour * 3600 + minute * 60 + second)?;
+    Some(Timestamp(seconds.checked_mul(1000)?.checked_add(millis)?))
 }
 
 impl Serialize for Timestamp {
@@ -140,5 +152,18 @@ mod tests {
         }
         assert_eq!(parse_rfc3339("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339("yesterday"), None);
+        let last = Timestamp(u64::MAX);
+        assert_eq!(parse_rfc3339(&last.to_string()), Some(last));
+    }
+
+    #[test]
+    fn bad_text_is_refused_without_panicking() {
+        // A fraction of multi-byte characters used to be cut inside a character.
+        assert_eq!(parse_rfc3339("2026-11-23T03:19:40.\u{e9}\u{e9}Z"), None);
+        assert_eq!(parse_rfc3339("2026-11-23T03:19:40.1\u{e9}Z"), None);
+        // Years whose day count or millisecond count overflows used to overflow.
+        assert_eq!(parse_rfc3339("9223372036854775807-11-23T03:19:40Z"), None);
+        assert_eq!(parse_rfc3339("999999999-01-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("584556020-01-01T00:00:00.000Z"), None);
     }
 }

@@ -9,10 +9,15 @@
 //! ```
 //! `IDENT` is a label name (`name` is the agent's own name); a bare `IDENT` tests that the
 //! label is present. `STRING` is double- or single-quoted with `\` escapes. An empty
-//! expression matches every agent.
+//! expression matches every agent. `(` and `!` nest at most [`MAX_NESTING`] deep.
 
 use std::collections::BTreeMap;
 use std::fmt;
+
+/// How deep `(` and `!` may nest in an expression. Parsing, matching and dropping a selector
+/// recurse once per level, so an expression nested deeper (in a property substituted into an
+/// `agents` expression, say) would overflow the stack; it is a syntax error instead.
+pub const MAX_NESTING: usize = 100;
 
 /// A parsed `agents` expression.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,8 +32,11 @@ enum Expr {
     Equals(String, String),
     NotEquals(String, String),
     Not(Box<Expr>),
-    And(Box<Expr>, Box<Expr>),
-    Or(Box<Expr>, Box<Expr>),
+    /// Every term holds; a chain `a && b && c` is one `And` of its terms (two or more), so
+    /// that a long chain is not a deep tree.
+    And(Vec<Expr>),
+    /// Some term holds; two or more terms, like `And`.
+    Or(Vec<Expr>),
 }
 
 /// A syntax error, with the 1-based column where it was found.
@@ -49,6 +57,7 @@ impl AgentSelector {
             let mut parser = Parser {
                 tokens: &tokens,
                 position: 0,
+                depth: 0,
                 end_column: source.chars().count() + 1,
             };
             let expr = parser.or()?;
@@ -119,9 +128,10 @@ fn requirements<'a>(expr: &'a Expr, out: &mut Vec<(&'a str, &'a str, bool)>) {
     match expr {
         Expr::Equals(key, value) => out.push((key, value, true)),
         Expr::NotEquals(key, value) => out.push((key, value, false)),
-        Expr::And(left, right) => {
-            requirements(left, out);
-            requirements(right, out);
+        Expr::And(terms) => {
+            for term in terms {
+                requirements(term, out);
+            }
         }
         _ => {}
     }
@@ -159,8 +169,8 @@ fn evaluate(expr: &Expr, agent_name: &str, labels: &BTreeMap<String, String>) ->
         Expr::Equals(key, value) => label_value(key, agent_name, labels) == Some(value.as_str()),
         Expr::NotEquals(key, value) => label_value(key, agent_name, labels) != Some(value.as_str()),
         Expr::Not(inner) => !evaluate(inner, agent_name, labels),
-        Expr::And(left, right) => evaluate(left, agent_name, labels) && evaluate(right, agent_name, labels),
-        Expr::Or(left, right) => evaluate(left, agent_name, labels) || evaluate(right, agent_name, labels),
+        Expr::And(terms) => terms.iter().all(|term| evaluate(term, agent_name, labels)),
+        Expr::Or(terms) => terms.iter().any(|term| evaluate(term, agent_name, labels)),
     }
 }
 
@@ -268,6 +278,8 @@ struct Parser<'a> {
     tokens: &'a [Token],
     position: usize,
     end_column: usize,
+    /// How many `(` and `!` enclose the token being parsed.
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -291,28 +303,56 @@ impl Parser<'_> {
     }
 
     fn or(&mut self) -> Result<Expr, SelectorError> {
-        let mut left = self.and()?;
+        let mut terms = vec![self.and()?];
         while self.eat(&TokenKind::Or) {
-            let right = self.and()?;
-            left = Expr::Or(Box::new(left), Box::new(right));
+            terms.push(self.and()?);
         }
-        Ok(left)
+        Ok(if terms.len() == 1 {
+            terms.remove(0)
+        } else {
+            Expr::Or(terms)
+        })
     }
 
     fn and(&mut self) -> Result<Expr, SelectorError> {
-        let mut left = self.unary()?;
+        let mut terms = vec![self.unary()?];
         while self.eat(&TokenKind::And) {
-            let right = self.unary()?;
-            left = Expr::And(Box::new(left), Box::new(right));
+            terms.push(self.unary()?);
         }
-        Ok(left)
+        Ok(if terms.len() == 1 {
+            terms.remove(0)
+        } else {
+            Expr::And(terms)
+        })
+    }
+
+    /// Enters one more level of `(` or `!` (the token at `column`), refusing to go deeper than
+    /// [`MAX_NESTING`].
+    fn nest(&mut self, column: usize) -> Result<(), SelectorError> {
+        if self.depth == MAX_NESTING {
+            return Err(SelectorError {
+                column,
+                message: format!("`(` and `!` nest deeper than {MAX_NESTING} levels"),
+            });
+        }
+        self.depth += 1;
+        Ok(())
     }
 
     fn unary(&mut self) -> Result<Expr, SelectorError> {
-        if self.eat(&TokenKind::Not) {
-            return Ok(Expr::Not(Box::new(self.unary()?)));
-        }
-        self.primary()
+        let Some(Token {
+            kind: TokenKind::Not,
+            column,
+        }) = self.peek()
+        else {
+            return self.primary();
+        };
+        let column = *column;
+        self.position += 1;
+        self.nest(column)?;
+        let inner = self.unary()?;
+        self.depth -= 1;
+        Ok(Expr::Not(Box::new(inner)))
     }
 
     fn primary(&mut self) -> Result<Expr, SelectorError> {
@@ -325,7 +365,9 @@ impl Parser<'_> {
         };
         match token.kind {
             TokenKind::Open => {
+                self.nest(token.column)?;
                 let inner = self.or()?;
+                self.depth -= 1;
                 if !self.eat(&TokenKind::Close) {
                     let column = self.peek().map_or(end_column, |t| t.column);
                     return Err(SelectorError {
@@ -451,6 +493,36 @@ mod tests {
         assert!(parse(r#"os == "linux""#).may_overlap(&parse(r#"arch == "arm""#)));
         assert!(parse("").may_overlap(&parse(r#"name == "x""#)));
         assert!(parse(r#"name == "a" || name == "b""#).may_overlap(&parse(r#"name == "c""#)));
+    }
+
+    #[test]
+    fn deep_nesting_is_a_syntax_error_not_a_stack_overflow() {
+        let nested = |depth: usize| format!("{}os{}", "(".repeat(depth), ")".repeat(depth));
+        assert!(check(&nested(MAX_NESTING), "a", &[("os", "linux")]));
+        assert_eq!(error(&nested(MAX_NESTING + 1)).column, MAX_NESTING + 1);
+        assert_eq!(error(&nested(100_000)).column, MAX_NESTING + 1);
+        // An even number of `!` cancels out.
+        assert!(check(
+            &format!("{}os", "!".repeat(MAX_NESTING)),
+            "a",
+            &[("os", "linux")]
+        ));
+        let message = error(&format!("{}os", "!".repeat(100_000))).to_string();
+        assert!(message.contains("nest deeper"), "{message}");
+        assert!(error(&"(!".repeat(100_000)).message.contains("nest deeper"));
+    }
+
+    #[test]
+    fn long_chains_match_without_deep_recursion() {
+        let chain = |operator: &str| vec!["os"; 200_000].join(operator);
+        assert!(check(&chain(" && "), "a", &[("os", "linux")]));
+        assert!(check(&chain(" || "), "a", &[("os", "linux")]));
+        assert!(!check(&chain(" && "), "a", &[]));
+        let mut equalities = vec![r#"group == "1""#; 100_000];
+        equalities.push(r#"group == "2""#);
+        let impossible = AgentSelector::parse(&equalities.join(" && ")).unwrap();
+        assert!(!impossible.matches("a", &labels(&[("group", "1")])));
+        assert!(!impossible.may_overlap(&AgentSelector::parse(r#"group == "3""#).unwrap()));
     }
 
     #[test]
