@@ -7,6 +7,7 @@
 //! one-build-per-agent rule holds however many engines send it work.
 
 mod benchmark;
+mod mask;
 mod registry;
 mod step;
 mod toolkits;
@@ -379,7 +380,10 @@ pub async fn run_on(
                 let reply = match bus_schema::decode::<AgentCommand>(&message.payload) {
                     Ok(command) => agent.handle(command, &steps),
                     Err(error) => {
-                        tracing::warn!(subject = %message.subject, %error, "undecodable command");
+                        // A command can carry a build's secrets: park its digest, not its bytes.
+                        let digest = services::toolkits::digest(&message.payload);
+                        let note = format!("{error} (payload of {} bytes withheld)", message.payload.len());
+                        tokio::spawn(bus.park_dead_letter("agent", &message.subject, digest.as_bytes(), &note));
                         AgentReply::Refused { reason: format!("cannot decode the command: {error}") }
                     }
                 };

@@ -1,9 +1,12 @@
 //! Running one step: a shell process in its own process group, its output streamed as log
-//! chunks, its end reported as a step-finished event once every log chunk is stored.
+//! chunks, its end reported as a step-finished event once every log chunk is stored. The
+//! step's secret values are masked in every log line and in its result message before either
+//! leaves the agent.
 
 use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bus_schema::{subjects, BuildEventKind, LogChunk, LogLine, LogStream, StepAssignment, StepResult};
@@ -14,12 +17,16 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::mask::Masker;
 use crate::Agent;
 
 /// Longest log line kept; the rest of a longer line is cut off, with a marker.
 const MAX_LINE_BYTES: usize = 64 * 1024;
 /// A chunk is published when it holds this many bytes, or when no more lines are waiting.
 const MAX_CHUNK_BYTES: usize = 256 * 1024;
+/// What a line costs in a chunk besides its text (its stream and framing), counted so that a
+/// chunk of many short lines stays within [`MAX_CHUNK_BYTES`] too.
+const LINE_OVERHEAD_BYTES: usize = 8;
 /// Log chunks of one step published and not yet confirmed stored, at most.
 const MAX_CHUNKS_IN_FLIGHT: usize = 256;
 
@@ -47,6 +54,7 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
     if let Err(error) = &started {
         tracing::warn!(%error, build = %build_id, index, "step start not published");
     }
+    let masker = Arc::new(Masker::new(&assignment.masked));
     let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);
     let logger = tokio::spawn(publish_logs(
         agent.bus.clone(),
@@ -54,8 +62,10 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
         attempt,
         index,
         lines_rx,
+        Arc::clone(&masker),
     ));
-    let outcome = execute(agent, &assignment, &cancel, lines_tx).await;
+    let mut outcome = execute(agent, &assignment, &cancel, lines_tx, &masker).await;
+    outcome.message = outcome.message.map(|message| masker.mask(&message).into_owned());
     // Every log chunk is stored before the step is reported finished, so whoever sees the
     // step finished can read its whole log.
     let _ = logger.await;
@@ -70,6 +80,7 @@ async fn execute(
     assignment: &StepAssignment,
     cancel: &CancellationToken,
     lines: mpsc::Sender<LogLine>,
+    masker: &Arc<Masker>,
 ) -> Outcome {
     if agent.settings.simulate {
         return Outcome {
@@ -153,14 +164,22 @@ async fn execute(
         }
     };
     let process_group = child.id().map(|pid| Pid::from_raw(pid as i32));
-    let stdout = child
-        .stdout
-        .take()
-        .map(|out| tokio::spawn(forward_lines(out, LogStream::Stdout, lines.clone())));
-    let stderr = child
-        .stderr
-        .take()
-        .map(|err| tokio::spawn(forward_lines(err, LogStream::Stderr, lines.clone())));
+    let stdout = child.stdout.take().map(|out| {
+        tokio::spawn(forward_lines(
+            out,
+            LogStream::Stdout,
+            lines.clone(),
+            Arc::clone(masker),
+        ))
+    });
+    let stderr = child.stderr.take().map(|err| {
+        tokio::spawn(forward_lines(
+            err,
+            LogStream::Stderr,
+            lines.clone(),
+            Arc::clone(masker),
+        ))
+    });
     let timeout = assignment.timeout_ms.map(Duration::from_millis);
     let timer = async {
         match timeout {
@@ -230,7 +249,12 @@ fn humanize(duration: Duration) -> String {
 }
 
 /// Reads lines from a pipe and forwards them, lossily decoded, to the log publisher.
-async fn forward_lines(pipe: impl AsyncRead + Unpin, stream: LogStream, lines: mpsc::Sender<LogLine>) {
+async fn forward_lines(
+    pipe: impl AsyncRead + Unpin,
+    stream: LogStream,
+    lines: mpsc::Sender<LogLine>,
+    masker: Arc<Masker>,
+) {
     let mut reader = BufReader::new(pipe);
     let mut buffer = Vec::new();
     loop {
@@ -245,6 +269,12 @@ async fn forward_lines(pipe: impl AsyncRead + Unpin, stream: LogStream, lines: m
                     buffer.pop();
                 }
                 let mut text = String::from_utf8_lossy(&buffer).into_owned();
+                if text.len() > MAX_LINE_BYTES {
+                    // Masked before the cut, which could otherwise split a secret in two.
+                    if let std::borrow::Cow::Owned(masked) = masker.mask(&text) {
+                        text = masked;
+                    }
+                }
                 if text.len() > MAX_LINE_BYTES {
                     let mut cut = MAX_LINE_BYTES;
                     while !text.is_char_boundary(cut) {
@@ -264,25 +294,35 @@ async fn forward_lines(pipe: impl AsyncRead + Unpin, stream: LogStream, lines: m
 /// Publishes log lines in chunks: whatever has accumulated while the previous chunk was being
 /// sent goes out together, so a chatty step makes few large messages and a quiet one adds no
 /// delay. Publishes are pipelined; chunks that fail to be stored are published again
-/// (deduplicated by their id) until JetStream has them, before this returns.
+/// (deduplicated by their id) until JetStream has them, before this returns. Every line, the
+/// agent's own headers included, has the step's secrets masked here, before it is published.
 async fn publish_logs(
     bus: services::Bus,
     build_id: String,
     attempt: u32,
     index: u32,
     mut lines: mpsc::Receiver<LogLine>,
+    masker: Arc<Masker>,
 ) {
     let subject = subjects::step_log(&build_id, index);
     let mut in_flight = std::collections::VecDeque::new();
     let mut unstored = Vec::new();
     let mut seq = 0u32;
+    let mask = |mut line: LogLine| {
+        if let std::borrow::Cow::Owned(masked) = masker.mask(&line.text) {
+            line.text = masked;
+        }
+        line
+    };
     while let Some(first) = lines.recv().await {
-        let mut size = first.text.len();
+        let first = mask(first);
+        let mut size = first.text.len() + LINE_OVERHEAD_BYTES;
         let mut chunk = vec![first];
         while size < MAX_CHUNK_BYTES {
             match lines.try_recv() {
                 Ok(line) => {
-                    size += line.text.len();
+                    let line = mask(line);
+                    size += line.text.len() + LINE_OVERHEAD_BYTES;
                     chunk.push(line);
                 }
                 Err(_) => break,

@@ -2,7 +2,7 @@
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::PROTOCOL_VERSION;
+use crate::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 
 /// Why a payload taken off the bus could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +11,8 @@ pub enum DecodeError {
     Malformed(#[from] rmp_serde::decode::Error),
     #[error("protocol version {found} is not supported (this build speaks {supported})")]
     IncompatibleVersion { found: u32, supported: u32 },
+    #[error("message of {size} bytes is larger than the limit of {max} bytes")]
+    TooLarge { size: usize, max: usize },
 }
 
 #[derive(Serialize)]
@@ -65,8 +67,21 @@ pub fn agent_refusal(agent_protocol: u32) -> Option<String> {
     })
 }
 
-/// Decodes a message from the bus, refusing other protocol versions before looking at the body.
+/// Decodes a message from the bus, refusing one larger than [`MAX_MESSAGE_BYTES`] and other
+/// protocol versions before looking at the body.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
+    if payload.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::TooLarge {
+            size: payload.len(),
+            max: MAX_MESSAGE_BYTES,
+        });
+    }
+    decode_object(payload)
+}
+
+/// Decodes a stored object (a view snapshot) written with [`encode`]: like [`decode`], but
+/// without the size limit of a bus message.
+pub fn decode_object<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
     let version: VersionOnly = rmp_serde::from_slice(payload)?;
     if version.v != PROTOCOL_VERSION {
         return Err(DecodeError::IncompatibleVersion {
@@ -98,6 +113,22 @@ mod tests {
         for garbage in [&b""[..], b"\xff\xff", b"hello world", b"\x81\xa1v\x01"] {
             assert!(decode::<CancelRequest>(garbage).is_err());
         }
+    }
+
+    #[test]
+    fn an_oversized_message_is_refused_unread() {
+        let cancel = CancelRequest {
+            build_id: "x".repeat(MAX_MESSAGE_BYTES),
+            requested_by: "alice".into(),
+        };
+        let payload = encode(&cancel);
+        match decode::<CancelRequest>(&payload) {
+            Err(DecodeError::TooLarge { size, max }) => {
+                assert_eq!((size, max), (payload.len(), MAX_MESSAGE_BYTES));
+            }
+            other => panic!("expected a size error, got {other:?}"),
+        }
+        assert_eq!(decode_object::<CancelRequest>(&payload).unwrap(), cancel);
     }
 
     #[test]

@@ -12,13 +12,19 @@ pub mod subjects;
 pub mod time;
 
 pub use build::{BuildRecord, BuildResult, BuildState, StepRecord, StepResult, StepState};
-pub use codec::{agent_refusal, decode, encode, encode_as, protocol_of, DecodeError};
+pub use codec::{agent_refusal, decode, decode_object, encode, encode_as, protocol_of, DecodeError};
 pub use messages::*;
 pub use time::Timestamp;
 
 /// Version of the bus protocol. Every message carries it; a peer refuses messages from an
 /// incompatible major version instead of misreading them.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest bus message a role reads: [`decode`] refuses a larger one unread, and the role parks
+/// it as a dead letter. nats-server's default `max_payload`, so no message Yardmaster writes
+/// to a default server is ever refused; a server allowing larger payloads (up to 64 MiB)
+/// cannot make a role read one.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// What an agent answers `Busy` with, instead of a build id, while its machine runs a build
 /// of another deployment.

@@ -184,10 +184,20 @@ pub struct StepAssignment {
     pub name: String,
     /// Shell text run as `/bin/sh -c <command>`.
     pub command: String,
-    /// Environment of the process, on top of the agent's own.
+    /// Environment of the process, on top of the agent's own. It holds the builder's secrets,
+    /// which is why an assignment is only ever sent as a core request, never stored.
     pub env: BTreeMap<String, String>,
     pub timeout_ms: Option<u64>,
+    /// Secret values the agent replaces by `***` in every line of the step's log and in its
+    /// result message: each value of at least [`MIN_MASKED_BYTES`] bytes, and each such line
+    /// of a value spanning several lines.
+    #[serde(default)]
+    pub masked: Vec<String>,
 }
+
+/// Shortest secret value masked in logs: masking a one- or two-byte value would garble every
+/// line that happens to contain those characters.
+pub const MIN_MASKED_BYTES: usize = 3;
 
 /// A command on an agent's own work subject; the agent answers each with an [`AgentReply`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,6 +305,20 @@ pub struct MasterRecord {
 pub enum MasterCommand {
     /// Stop taking work, finish what is running, then exit.
     Drain,
+}
+
+/// A scheduler master's answer to a forced build (a [`BuildRequest`] on
+/// [`crate::subjects::force`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForceReply {
+    /// The request and its `requested` event are stored; `sequence` is the event's sequence
+    /// in the events stream.
+    Stored { sequence: u64 },
+    /// The request is not acceptable (a builder no `force` scheduler lists, a bad property
+    /// name), and why.
+    Refused { reason: String },
+    /// The request is acceptable but the bus did not store it; asking again may succeed.
+    NotStored { reason: String },
 }
 
 /// A scheduler lease: which master runs a scheduler now.

@@ -94,6 +94,28 @@ pub fn agent_commands(agent_name: &str) -> String {
     format!("yard.agent.{agent_name}.cmd")
 }
 
+/// Filter matching every agent's work subject.
+pub const AGENT_COMMANDS_ALL: &str = "yard.agent.*.cmd";
+
+/// Where a UI master asks the scheduler masters to store a forced build of `builder`: the
+/// request carries the [`crate::BuildRequest`], the reply is a [`crate::ForceReply`]. Only
+/// scheduler masters with a `force` scheduler listing the builder answer.
+pub fn force(builder: &str) -> String {
+    format!("yard.force.{}", token_or_underscore(builder))
+}
+
+/// Filter matching every forced-build subject.
+pub const FORCE_ALL: &str = "yard.force.>";
+
+/// Queue group of the scheduler masters answering [`force`], so that one of them stores a
+/// forced build.
+pub const FORCE_QUEUE: &str = "schedulers";
+
+/// Filter matching the events of kind `kind` of every build.
+pub fn events_of_kind(kind: &str) -> String {
+    format!("yard.event.*.{kind}")
+}
+
 /// Key of one waiting step in the waits bucket (`master` for the master step).
 pub fn wait_key(build_id: &str, attempt: u32, step: Option<u32>) -> String {
     match step {
@@ -107,11 +129,80 @@ pub fn master_control(master_id: &str) -> String {
     format!("yard.master.{master_id}.control")
 }
 
+/// Filter matching every master's control subject.
+pub const MASTER_CONTROL_ALL: &str = "yard.master.*.control";
+
 /// Where an engine answers whether it still drives a build: the request carries the build
 /// id, the reply is `yes` or `no`.
 pub fn engine_drives(engine_id: &str) -> String {
     format!("yard.engine.{engine_id}.drives")
 }
+
+/// Filter matching every engine's [`engine_drives`] subject.
+pub const ENGINE_DRIVES_ALL: &str = "yard.engine.*.drives";
+
+/// The inbox prefix of a connection as NATS user `user`: replies to its requests (and
+/// JetStream deliveries to it) come to `_INBOX.<user>.>`, so that a server can let each user
+/// read its own replies only.
+pub fn inbox_prefix(user: &str) -> String {
+    format!("_INBOX.{user}")
+}
+
+/// The subject under which JetStream stores `key` of KV bucket `bucket`.
+pub fn kv_key(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+/// The stream behind KV bucket `bucket`.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The stream behind object store `bucket`.
+pub fn object_stream(bucket: &str) -> String {
+    format!("OBJ_{bucket}")
+}
+
+/// Stream of dead letters: copies of bus messages a role rejected (undecodable, or larger
+/// than [`crate::MAX_MESSAGE_BYTES`]), kept for a look and a replay by hand.
+pub const DEAD_LETTERS_STREAM: &str = "YARD_DEAD_LETTERS";
+pub const DEAD_LETTERS_ALL: &str = "yard.dead.>";
+
+/// Subject a dead letter rejected by `role` is parked under.
+pub fn dead_letter(role: &str) -> String {
+    format!("yard.dead.{}", token_or_underscore(role))
+}
+
+/// Header of a dead letter: the subject the rejected message was read from.
+pub const DEAD_LETTER_SUBJECT: &str = "Yard-Dead-Subject";
+/// Header of a dead letter: the role that rejected the message.
+pub const DEAD_LETTER_ROLE: &str = "Yard-Dead-Role";
+/// Header of a dead letter: why the message was rejected.
+pub const DEAD_LETTER_ERROR: &str = "Yard-Dead-Error";
+/// Header of a dead letter: the size of the rejected message in bytes.
+pub const DEAD_LETTER_SIZE: &str = "Yard-Dead-Size";
+/// Header of a dead letter that holds only the beginning of a message too large to park
+/// whole (`true`).
+pub const DEAD_LETTER_TRUNCATED: &str = "Yard-Dead-Truncated";
+
+/// Every KV bucket Yardmaster keeps.
+pub const KV_BUCKETS: [&str; 6] = [
+    AGENTS_BUCKET,
+    CANCELS_BUCKET,
+    MASTERS_BUCKET,
+    LEASES_BUCKET,
+    WAITS_BUCKET,
+    POOLS_BUCKET,
+];
+
+/// Every stream Yardmaster keeps, besides those behind its buckets.
+pub const STREAMS: [&str; 5] = [
+    CHANGES_STREAM,
+    REQUESTS_STREAM,
+    EVENTS_STREAM,
+    LOGS_STREAM,
+    DEAD_LETTERS_STREAM,
+];
 
 /// Name of the durable consumer through which one scheduler reads changes.
 pub fn scheduler_consumer(scheduler_name: &str) -> String {
@@ -157,6 +248,12 @@ mod tests {
         for bad in ["", "a.b", "a b", "*", ">", "a\nb", &"x".repeat(129)] {
             assert!(!is_valid_token(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn force_subjects_are_one_token_per_builder() {
+        assert_eq!(force("app"), "yard.force.app");
+        assert_eq!(force("a.b"), "yard.force._");
     }
 
     #[test]

@@ -55,6 +55,41 @@ enum Command {
     /// Manage toolkits: versioned bundles of files agents fetch for the steps that need them.
     #[command(subcommand)]
     Toolkit(ToolkitCommand),
+    /// Write a nats-server configuration with one user per role and per agent, each allowed
+    /// only the subjects its role uses, and print every user's credentials.
+    NatsConfig(NatsConfigArgs),
+}
+
+#[derive(Args)]
+struct NatsConfigArgs {
+    /// Agent names, comma-separated: one user each (`agent-<name>`).
+    #[arg(long, value_delimiter = ',')]
+    agents: Vec<String>,
+    /// Keep passwords in this file (`user = "password"` lines): those in it are used, missing
+    /// ones are generated and added. Without it every password is new.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Write the server configuration here and print only the credentials.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Address the server listens on.
+    #[arg(long, default_value = "0.0.0.0:4222")]
+    listen: String,
+    /// Where JetStream keeps its files (default: the server's).
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
+    /// The server's TLS certificate (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) of client certificates; clients are told to trust it too.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Require client certificates signed by --tls-ca.
+    #[arg(long)]
+    tls_verify: bool,
 }
 
 #[derive(Subcommand)]
@@ -308,6 +343,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let sha256 = services::toolkits::push(&bus, config.nats.replicas, &name, &version, &dir).await?;
             bus.close().await;
             println!("pushed toolkit {name}@{version} (sha256 {sha256})");
+            Ok(())
+        }
+        Command::NatsConfig(args) => {
+            let options = services::permissions::Options {
+                listen: args.listen,
+                store_dir: args.store_dir,
+                tls: services::permissions::Tls {
+                    cert: args.tls_cert,
+                    key: args.tls_key,
+                    ca: args.tls_ca,
+                    verify: args.tls_verify,
+                },
+            };
+            let generated =
+                services::permissions::generate(&args.agents, args.password_file.as_deref(), &options)?;
+            print!("{}", generated.output(args.out.as_deref())?);
             Ok(())
         }
         Command::Bench(args) => {

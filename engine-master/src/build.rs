@@ -42,8 +42,16 @@ pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
     let request: BuildRequest = match bus_schema::decode(&message.payload) {
         Ok(request) => request,
         Err(error) => {
-            tracing::warn!(subject = %message.subject, %error, "dropping an undecodable build request");
-            let _ = acker.ack_with(AckKind::Term).await;
+            // Out of the work queue only once its copy is parked; else it comes back later.
+            let parked = engine
+                .bus
+                .park_dead_letter(crate::ROLE, &message.subject, &message.payload, &error)
+                .await;
+            let reject = match parked {
+                Ok(()) => AckKind::Term,
+                Err(_) => AckKind::Nak(Some(engine.config.engine.claim_timeout)),
+            };
+            let _ = acker.ack_with(reject).await;
             return;
         }
     };
@@ -394,8 +402,6 @@ impl BuildDriver {
                 AttemptEnd::AgentLost(reason) if self.attempt() < builder.retries => {
                     let attempt = self.attempt.fetch_add(1, Ordering::SeqCst) + 1;
                     tracing::warn!(build = %self.id(), attempt, %reason, "agent lost; retrying the build");
-                    // If the agents are only cut off, they must not keep the build's work.
-                    self.release_all().await;
                     self.flush_events().await;
                     // Stored before the new attempt's steps start, so the fold files the old
                     // steps under this retry and not the new ones.
@@ -408,6 +414,8 @@ impl BuildDriver {
                             Some("the bus did not store the retry".into()),
                         ));
                     }
+                    // If the agents are only cut off, they must not keep the build's work.
+                    self.release_all().await;
                     prior = None;
                 }
                 AttemptEnd::AgentLost(reason) => {
@@ -764,8 +772,17 @@ impl BuildDriver {
             .ok()?;
         let mut record = BuildRecord::requested(&self.request);
         for message in messages {
-            if let Ok(event) = bus_schema::decode::<BuildEvent>(&message.payload) {
-                record.apply(&event);
+            match bus_schema::decode::<BuildEvent>(&message.payload) {
+                Ok(event) => record.apply(&event),
+                Err(error) => {
+                    let bus = &self.engine.bus;
+                    tokio::spawn(bus.park_dead_letter(
+                        crate::ROLE,
+                        &message.subject,
+                        &message.payload,
+                        &error,
+                    ));
+                }
             }
         }
         Some(record)
@@ -953,6 +970,32 @@ impl BuildDriver {
         let mut toolkits = builder.toolkits.clone();
         toolkits.extend(node.step.toolkits.iter().cloned());
         toolkits.dedup();
+        // Read now, not when the build was claimed: a rotated secret counts from the next step.
+        let secrets = match crate::secrets::resolve(&builder.secrets).await {
+            Ok(secrets) => secrets,
+            Err(problem) => {
+                let message = format!("{problem} (engine {}); the step did not run", self.engine.id);
+                self.log_note(index, message.clone()).await;
+                self.publish(BuildEventKind::StepFinished {
+                    index,
+                    attempt,
+                    result: StepResult::Exception,
+                    exit_code: None,
+                    message: Some(message.clone()),
+                })
+                .await;
+                return NodeEnd::Done(exception(message));
+            }
+        };
+        for (name, value) in &secrets {
+            if !value.is_empty() && value.len() < bus_schema::MIN_MASKED_BYTES {
+                tracing::warn!(
+                    build = %self.id(), builder = %builder.name, secret = %name,
+                    "secret is shorter than {} bytes: the step gets it, but its log does not mask it",
+                    bus_schema::MIN_MASKED_BYTES
+                );
+            }
+        }
         let assignment = StepAssignment {
             toolkits,
             build_id: self.id().to_owned(),
@@ -961,8 +1004,13 @@ impl BuildDriver {
             attempt,
             name: node.path.clone(),
             command: node.step.run.clone().unwrap_or_default(),
-            env: self.step_env(builder, node),
+            env: self.step_env(node, &secrets),
             timeout_ms: node.step.timeout.map(|timeout| timeout.as_millis() as u64),
+            masked: secrets
+                .values()
+                .filter(|value| !value.is_empty())
+                .cloned()
+                .collect(),
         };
         let (result_tx, result_rx) = oneshot::channel();
         let key = (self.id().to_owned(), attempt, index);
@@ -996,6 +1044,8 @@ impl BuildDriver {
             }
             Ok(AgentReply::Refused { reason }) => {
                 self.engine.step_results.remove(&key);
+                // The reason is the agent's text: it must not carry a secret into the events.
+                let reason = crate::secrets::redact(&reason, &secrets);
                 NodeEnd::Done(exception(format!("agent {agent} refused the step: {reason}")))
             }
             Err(error) => {
@@ -1016,7 +1066,7 @@ impl BuildDriver {
         mut result_rx: oneshot::Receiver<StepOutcome>,
     ) -> NodeEnd {
         let attempt = self.attempt();
-        let mut liveness = tokio::time::interval(Duration::from_secs(1));
+        let mut liveness = tokio::time::interval(Duration::from_millis(500));
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cancel_sent = false;
         let mut checks: u64 = 0;
@@ -1051,7 +1101,7 @@ impl BuildDriver {
                     let alive = last_heard.elapsed() < self.engine.config.engine.agent_timeout / 3;
                     // A result the follower missed (a reconnect) is found on the bus; look
                     // now and then, and always before declaring the agent lost.
-                    if !alive || checks.is_multiple_of(10) {
+                    if !alive || checks.is_multiple_of(20) {
                         if let Some(outcome) = self.recorded_outcome(index).await {
                             self.engine.step_results.remove(&key);
                             return NodeEnd::Done(outcome);
@@ -1102,16 +1152,24 @@ impl BuildDriver {
         .await
         .map_err(|_| format!("no answer within {} s", AGENT_REPLY_TIMEOUT.as_secs()))?
         .map_err(|error| error.to_string())?;
-        bus_schema::decode(&reply.payload).map_err(|error| error.to_string())
+        bus_schema::decode(&reply.payload).map_err(|error| {
+            let error = format!("agent {agent} answered with an undecodable message: {error}");
+            let bus = &self.engine.bus;
+            tokio::spawn(bus.park_dead_letter(crate::ROLE, &reply.subject, &reply.payload, &error));
+            error
+        })
     }
 
     /// Sends an idempotent command to an agent the build already depends on, asking again
     /// while the agent may still be alive: a NATS node failing over or the agent reconnecting
     /// loses requests for a few seconds, and that must not count as a lost agent. Gives up
-    /// once the agent has neither answered nor heartbeated for `agent_timeout`.
+    /// once the agent has neither answered nor heartbeated for `agent_timeout` (at once for
+    /// an agent that was silent that long already).
     async fn command_until_lost(&self, agent: &str, command: AgentCommand) -> Result<AgentReply, String> {
         let agent_timeout = self.engine.config.engine.agent_timeout;
         let started = tokio::time::Instant::now();
+        // An agent already silent for agent_timeout (declared lost) gets one try.
+        let silent_already = !self.engine.directory.heard_within(agent, agent_timeout);
         let mut pause = Duration::from_millis(50);
         loop {
             let error = match self.command(agent, command.clone()).await {
@@ -1120,7 +1178,9 @@ impl BuildDriver {
             };
             let elapsed = started.elapsed();
             let heard_recently = self.engine.directory.heard_within(agent, agent_timeout);
-            if (elapsed >= agent_timeout && !heard_recently) || elapsed >= 3 * agent_timeout {
+            if ((silent_already || elapsed >= agent_timeout) && !heard_recently)
+                || elapsed >= 3 * agent_timeout
+            {
                 return Err(error);
             }
             tracing::debug!(build = %self.id(), %agent, %error, "agent did not answer; asking again");
@@ -1162,16 +1222,17 @@ impl BuildDriver {
     }
 
     /// The step's environment: the step's own `env`, then build properties (builder defaults
-    /// overridden by the request's), then Yardmaster's `YARD_*` variables, which cannot be
-    /// overridden. Values are passed as the environment, never spliced into shell text.
-    fn step_env(&self, builder: &BuilderConfig, node: &FlatStep<'_>) -> BTreeMap<String, String> {
-        let _ = builder;
+    /// overridden by the request's), then the builder's secrets, then Yardmaster's `YARD_*`
+    /// variables, which cannot be overridden. Values are passed as the environment, never
+    /// spliced into shell text.
+    fn step_env(&self, node: &FlatStep<'_>, secrets: &BTreeMap<String, String>) -> BTreeMap<String, String> {
         let mut env = node.step.env.clone();
         for (name, value) in &self.properties_now() {
             if services::config::is_env_name(name) && !name.starts_with("YARD_") {
                 env.insert(name.clone(), value.clone());
             }
         }
+        env.extend(secrets.iter().map(|(name, value)| (name.clone(), value.clone())));
         let request = &self.request;
         env.insert("YARD_BUILD_ID".into(), request.build_id.clone());
         env.insert("YARD_BUILDER".into(), request.builder.clone());

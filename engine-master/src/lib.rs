@@ -10,6 +10,7 @@ mod build;
 mod directory;
 mod listeners;
 pub mod pools;
+mod secrets;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,9 @@ pub(crate) struct Engine {
     /// The masters registry, by id: whether the engine that claimed a build is still alive.
     pub masters: services::watch::Mirror<bus_schema::MasterRecord>,
 }
+
+/// The role naming the engine in dead letters and metrics.
+pub(crate) const ROLE: &str = "engine";
 
 /// How long an engine waits for another to say whether it still drives a build.
 const DRIVES_TIMEOUT: Duration = Duration::from_secs(2);
@@ -143,6 +147,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
     let decoded = services::watch::decoded::<bus_schema::WaitRecord>;
     services::watch::mirror_bucket(
         &engine.waits,
+        (&engine.bus, ROLE),
         engine.bus.waits.clone(),
         listeners_stop.clone(),
         None,
@@ -151,6 +156,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
     let raw = services::watch::raw;
     services::watch::mirror_bucket(
         &engine.pool_entries,
+        (&engine.bus, ROLE),
         engine.bus.pools.clone(),
         listeners_stop.clone(),
         None,
@@ -158,6 +164,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
     );
     services::watch::mirror_bucket(
         &engine.masters,
+        (&engine.bus, ROLE),
         engine.bus.masters.clone(),
         listeners_stop.clone(),
         Some(engine.config.masters.dead_after),
@@ -366,8 +373,12 @@ async fn confirm_waits(engine: &Engine, waits: &[bus_schema::WaitRecord], group:
         };
         let mut record = bus_schema::BuildRecord::placeholder(&wait.build_id, wait.requested_at);
         for message in messages {
-            if let Ok(event) = bus_schema::decode::<bus_schema::BuildEvent>(&message.payload) {
-                record.apply(&event);
+            match bus_schema::decode::<bus_schema::BuildEvent>(&message.payload) {
+                Ok(event) => record.apply(&event),
+                Err(error) => {
+                    let bus = &engine.bus;
+                    tokio::spawn(bus.park_dead_letter(ROLE, &message.subject, &message.payload, &error));
+                }
             }
         }
         let still_waiting = record.result.is_none()

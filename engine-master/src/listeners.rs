@@ -12,6 +12,7 @@ use crate::{Engine, StepOutcome};
 
 pub(crate) fn spawn_agents_watch(engine: Arc<Engine>, stop: CancellationToken) -> oneshot::Receiver<()> {
     let store = engine.bus.agents.clone();
+    let bucket = store.name.clone();
     let silence = engine.config.engine.agent_timeout;
     // Agents of another protocol version are refused: said once each, then left alone.
     let mut refused = std::collections::HashSet::new();
@@ -31,7 +32,10 @@ pub(crate) fn spawn_agents_watch(engine: Arc<Engine>, stop: CancellationToken) -
                     tracing::warn!(agent = %key, "{reason}");
                 }
             }
-            Err(error) => tracing::warn!(agent = %key, %error, "ignoring an undecodable agent record"),
+            Err(error) => {
+                let subject = subjects::kv_key(&bucket, &key);
+                tokio::spawn(engine.bus.park_dead_letter(crate::ROLE, &subject, &value, &error));
+            }
         },
         BucketChange::Removed { key } => {
             refused.remove(&key);
@@ -61,9 +65,11 @@ pub(crate) fn spawn_step_results(engine: Arc<Engine>, stop: CancellationToken) -
         Some(subjects::STEP_FINISHED_ALL),
         StreamStart::New,
         stop,
-        move |sequence, payload| match bus_schema::decode::<BuildEvent>(payload) {
+        move |_, subject, payload| match bus_schema::decode::<BuildEvent>(payload) {
             Ok(event) => deliver(&engine, event),
-            Err(error) => tracing::warn!(sequence, %error, "undecodable build event"),
+            Err(error) => {
+                tokio::spawn(engine.bus.park_dead_letter(crate::ROLE, subject, payload, &error));
+            }
         },
     )
 }

@@ -46,7 +46,11 @@ async fn write<T: Serialize>(store: &kv::Store, key: &str, value: &T, revision: 
     let payload = bus_schema::encode(value).into();
     let result = if revision == 0 {
         store.create(key, payload).await.map(|_| ()).map_err(|error| {
-            if error.kind() == kv::CreateErrorKind::AlreadyExists {
+            // Someone wrote it first. The client can report that as a failed publish ("wrong
+            // last sequence") rather than by its kind, here and in `update` below.
+            if error.kind() == kv::CreateErrorKind::AlreadyExists
+                || error.to_string().contains("wrong last sequence")
+            {
                 None
             } else {
                 Some(error.to_string())
@@ -58,7 +62,9 @@ async fn write<T: Serialize>(store: &kv::Store, key: &str, value: &T, revision: 
             .await
             .map(|_| ())
             .map_err(|error| {
-                if error.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                if error.kind() == kv::UpdateErrorKind::WrongLastRevision
+                    || error.to_string().contains("wrong last sequence")
+                {
                     None
                 } else {
                     Some(error.to_string())
@@ -82,16 +88,33 @@ async fn update<T, R>(
 where
     T: Serialize + DeserializeOwned + Default,
 {
+    // The bus failing over (a NATS node lost) makes reads and writes fail for a few seconds:
+    // keep trying for a while before the step fails.
+    let started = tokio::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(50);
     loop {
-        let (mut value, revision) = read::<T>(store, key).await?;
-        let Some(report) = change(&mut value) else {
-            return Ok(None);
+        let attempt = async {
+            let (mut value, revision) = read::<T>(store, key).await?;
+            let Some(report) = change(&mut value) else {
+                return Ok(Some(None));
+            };
+            Ok(write(store, key, &value, revision).await?.then_some(Some(report)))
         };
-        if write(store, key, &value, revision).await? {
-            return Ok(Some(report));
+        match attempt.await {
+            Ok(Some(report)) => return Ok(report),
+            Ok(None) => continue,
+            Err(error) if started.elapsed() < BUS_PATIENCE => {
+                tracing::debug!(%key, %error, "pool entry not changed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            Err(error) => return Err(error),
         }
     }
 }
+
+/// How long a pool change keeps trying while the bus fails.
+const BUS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// True if the server can be acquired for `role` in `scope`: a global acquisition needs it
 /// held by nobody; a role-scoped one needs no global holder and none in its role.

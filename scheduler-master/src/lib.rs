@@ -1,6 +1,10 @@
 //! The scheduler master: reads every change and turns the ones its schedulers accept into
 //! build requests.
 //!
+//! It also stores forced builds: UI masters ask on `yard.force.<builder>`, and one scheduler
+//! master whose `force` schedulers list the builder checks and stores the request, so that no
+//! other role needs to publish build requests.
+//!
 //! **Architecture Invariant:** a change is acknowledged only after the build requests it
 //! caused are stored, and those requests have ids derived from (change, scheduler, builder),
 //! so a scheduler that dies halfway and sees the change again stores nothing twice.
@@ -9,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{consumer, AckKind};
-use bus_schema::{subjects, BuildRequest, Change};
+use bus_schema::{subjects, BuildRequest, Change, ForceReply};
 use futures::StreamExt;
 use services::config::{SchedulerConfig, SchedulerKind};
 use services::lease::Lease;
@@ -22,6 +26,9 @@ pub enum Error {
     #[error(transparent)]
     Bus(#[from] services::bus::Error),
 }
+
+/// The role naming the scheduler in dead letters and metrics.
+const ROLE: &str = "scheduler";
 
 /// How many changes one scheduler works on at once.
 const CHANGES_IN_FLIGHT: usize = 64;
@@ -37,6 +44,9 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
         .unwrap_or_else(|| services::presence::master_id(&config));
     services::metrics::spawn_rtt_probe(bus.clone(), "scheduler", shutdown.clone());
     let mut tasks = Vec::new();
+    if let Some(forced) = answer_forced_builds(&bus, &config, shutdown.clone()).await? {
+        tasks.push(forced);
+    }
     for scheduler in config
         .schedulers
         .iter()
@@ -56,6 +66,106 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
         let _ = task.await;
     }
     Ok(())
+}
+
+/// Answers UI masters' forced builds of every builder a `force` scheduler here lists, until
+/// `shutdown` fires: one scheduler master of the queue group checks the request and stores
+/// it with its `requested` event. `None` when no `force` scheduler is configured here.
+async fn answer_forced_builds(
+    bus: &Bus,
+    config: &Arc<YardConfig>,
+    shutdown: CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>, Error> {
+    let mut builders: Vec<&str> = config
+        .schedulers
+        .iter()
+        .filter(|s| s.kind == SchedulerKind::Force)
+        .flat_map(|s| s.builders.iter().map(String::as_str))
+        .collect();
+    builders.sort_unstable();
+    builders.dedup();
+    if builders.is_empty() {
+        return Ok(None);
+    }
+    let mut subscribers = Vec::new();
+    for builder in builders {
+        subscribers.push(
+            bus.client
+                .queue_subscribe(subjects::force(builder), subjects::FORCE_QUEUE.into())
+                .await
+                .map_err(|e| services::bus::Error::nats("listening for forced builds", e))?,
+        );
+    }
+    let mut requests = futures::stream::select_all(subscribers);
+    let (bus, config) = (bus.clone(), Arc::clone(config));
+    Ok(Some(tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                message = requests.next() => message,
+                _ = shutdown.cancelled() => return,
+            };
+            let Some(message) = message else { return };
+            let Some(reply_to) = message.reply.clone() else {
+                continue;
+            };
+            let (bus, config) = (bus.clone(), Arc::clone(&config));
+            tokio::spawn(async move {
+                let reply = store_forced_build(&bus, &config, &message.subject, &message.payload).await;
+                if let Err(error) = bus
+                    .client
+                    .publish(reply_to, bus_schema::encode(&reply).into())
+                    .await
+                {
+                    tracing::warn!(%error, "answer to a forced build not sent");
+                }
+            });
+        }
+    })))
+}
+
+/// Checks a forced build asked on `subject` and stores it.
+async fn store_forced_build(bus: &Bus, config: &YardConfig, subject: &str, payload: &[u8]) -> ForceReply {
+    let refused = |reason: String| ForceReply::Refused { reason };
+    let request: BuildRequest = match bus_schema::decode(payload) {
+        Ok(request) => request,
+        Err(error) => {
+            tokio::spawn(bus.park_dead_letter(ROLE, subject, payload, &error));
+            return refused(format!("cannot decode the forced build: {error}"));
+        }
+    };
+    if subject != subjects::force(&request.builder) {
+        return refused(format!("builder {} was asked on {subject}", request.builder));
+    }
+    if !config.is_forceable(&request.builder) {
+        return refused(format!(
+            "builder {} cannot be forced: no `force` scheduler lists it",
+            request.builder
+        ));
+    }
+    if !subjects::is_valid_token(&request.build_id) {
+        return refused(format!("build id {:?} is not a valid token", request.build_id));
+    }
+    if let Some(bad) = request
+        .properties
+        .keys()
+        .find(|name| !services::config::is_env_name(name) || name.starts_with("YARD_"))
+    {
+        return refused(format!(
+            "property name {bad:?} must be letters, digits and `_`, not start with a digit or YARD_"
+        ));
+    }
+    match bus.store_build_request(&request).await {
+        Ok(sequence) => {
+            tracing::debug!(build = %request.build_id, builder = %request.builder, "forced build stored");
+            ForceReply::Stored { sequence }
+        }
+        Err(error) => {
+            tracing::warn!(build = %request.build_id, %error, "forced build not stored");
+            ForceReply::NotStored {
+                reason: error.to_string(),
+            }
+        }
+    }
 }
 
 /// Waits for the scheduler's lease, follows changes while holding it, and starts waiting
@@ -201,8 +311,15 @@ async fn handle_change(bus: &Bus, scheduler: &SchedulerConfig, message: async_na
     let change: Change = match bus_schema::decode(&message.payload) {
         Ok(change) => change,
         Err(error) => {
-            tracing::warn!(subject = %message.subject, %error, "dropping an undecodable change");
-            let _ = message.ack_with(AckKind::Term).await;
+            // Dropped only once its copy is parked; else it comes back later.
+            let reject = match bus
+                .park_dead_letter(ROLE, &message.subject, &message.payload, &error)
+                .await
+            {
+                Ok(()) => AckKind::Term,
+                Err(_) => AckKind::Nak(Some(Duration::from_secs(10))),
+            };
+            let _ = message.ack_with(reject).await;
             return;
         }
     };

@@ -1,15 +1,19 @@
 //! The connection to the bus: connecting with a server-version check, creating every stream,
 //! consumer and bucket idempotently, and typed publishing.
 
-use std::future::IntoFuture;
+use std::collections::HashSet;
+use std::future::{Future, IntoFuture};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use async_nats::{HeaderMap, ServerAddr};
 use bus_schema::{subjects, BuildEvent, BuildEventKind, BuildRequest, Change};
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 
 use crate::config::{EngineConfig, NatsConfig};
+use crate::metrics::{dead_letters, RoleLabel};
 use crate::time::now;
 
 /// Why a bus operation failed.
@@ -113,6 +117,19 @@ impl Bus {
                         source,
                     })?;
             }
+            if let (Some(user), Some(password)) = (&nats.user, &nats.password) {
+                options = options.user_and_password(user.clone(), password.expose().to_owned());
+                if subjects::is_valid_token(user) {
+                    // Replies to this user's requests, which only it may read.
+                    options = options.custom_inbox_prefix(subjects::inbox_prefix(user));
+                }
+            }
+            if let Some(ca) = &nats.tls_ca {
+                options = options.add_root_certificates(ca.clone()).require_tls(true);
+            }
+            if let (Some(cert), Some(key)) = (&nats.tls_cert, &nats.tls_key) {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
             let options = options
                 .name(client_name)
                 .ping_interval(Duration::from_secs(10))
@@ -199,9 +216,27 @@ impl Bus {
             .map_err(|e| Error::nats("publishing a build event", e))
     }
 
-    /// Publishes a build event and waits until JetStream stored it.
+    /// Publishes a build event and waits until JetStream stored it. The `finished` event
+    /// carries a message id, so that publishing it again after a lost ack (or a second engine
+    /// finishing an adopted build) stores it once.
     pub async fn store_event(&self, build_id: &str, kind: BuildEventKind) -> Result<u64, Error> {
-        let ack = self.publish_event(build_id, kind).await?;
+        let ack = if matches!(kind, BuildEventKind::Finished { .. }) {
+            let event = BuildEvent {
+                build_id: build_id.to_owned(),
+                at: now(),
+                kind,
+            };
+            self.jetstream
+                .publish_with_headers(
+                    subjects::event(build_id, event.kind.subject_kind()),
+                    dedup_headers(&format!("{build_id}.finished")),
+                    Bytes::from(bus_schema::encode(&event)),
+                )
+                .await
+                .map_err(|e| Error::nats("publishing a build event", e))?
+        } else {
+            self.publish_event(build_id, kind).await?
+        };
         let ack = ack.await.map_err(|e| Error::nats("storing a build event", e))?;
         Ok(ack.sequence)
     }
@@ -253,6 +288,97 @@ impl Bus {
             .map_err(|e| Error::nats("publishing a change", e))?;
         ack.await.map_err(|e| Error::nats("storing a change", e))?;
         Ok(())
+    }
+
+    /// Parks a copy of a message that `role` rejected (undecodable, or larger than
+    /// [`bus_schema::MAX_MESSAGE_BYTES`]) in [`subjects::DEAD_LETTERS_STREAM`], with headers
+    /// naming the subject it was read from, the role and the error; logs it, and counts it in
+    /// `yard_dead_letters_total`. The one way every role rejects a message.
+    ///
+    /// The returned future stores the copy, waiting at most [`DEAD_LETTER_TIMEOUT`] for
+    /// JetStream: await it where the original is acknowledged (removed) only once its copy is
+    /// parked, spawn it elsewhere. The same message rejected again by the same role of this
+    /// process (a replay, a restarted watch, a log read twice) is neither parked nor counted
+    /// again; the stream also drops copies another process already parked (same message id).
+    pub fn park_dead_letter(
+        &self,
+        role: &str,
+        subject: &str,
+        payload: &[u8],
+        error: &dyn std::fmt::Display,
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        let digest = dead_letter_digest(role, subject, payload);
+        let first = parked_dead_letters()
+            .lock()
+            .map(|mut parked| {
+                if parked.len() >= MAX_REMEMBERED_DEAD_LETTERS {
+                    parked.clear();
+                }
+                parked.insert(digest)
+            })
+            .unwrap_or(true);
+        let error = header_value(&error.to_string());
+        let parked = first.then(|| {
+            tracing::warn!(
+                %role,
+                %subject,
+                size = payload.len(),
+                %error,
+                "rejected a bus message; parking it in {}",
+                subjects::DEAD_LETTERS_STREAM
+            );
+            dead_letters()
+                .get_or_create(&RoleLabel {
+                    role: role.to_owned(),
+                })
+                .inc();
+            // What does not fit in one message of this server is parked cut short.
+            let room = self.client.server_info().max_payload.saturating_sub(64 * 1024);
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("dead-{}", hex::encode(digest.to_be_bytes())).as_str(),
+            );
+            headers.insert(subjects::DEAD_LETTER_SUBJECT, subject);
+            headers.insert(subjects::DEAD_LETTER_ROLE, role);
+            headers.insert(subjects::DEAD_LETTER_ERROR, error.as_str());
+            headers.insert(subjects::DEAD_LETTER_SIZE, payload.len().to_string().as_str());
+            if payload.len() > room {
+                headers.insert(subjects::DEAD_LETTER_TRUNCATED, "true");
+            }
+            let copy = Bytes::copy_from_slice(&payload[..payload.len().min(room)]);
+            (self.jetstream.clone(), subjects::dead_letter(role), headers, copy)
+        });
+        let (role, subject) = (role.to_owned(), subject.to_owned());
+        async move {
+            let Some((jetstream, dead_subject, headers, copy)) = parked else {
+                tracing::debug!(%role, %subject, "rejected message already parked");
+                return Ok(());
+            };
+            let stored = tokio::time::timeout(DEAD_LETTER_TIMEOUT, async {
+                let ack = jetstream
+                    .publish_with_headers(dead_subject, headers, copy)
+                    .await?;
+                ack.await?;
+                Ok::<_, async_nats::Error>(())
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("not stored within {} s", DEAD_LETTER_TIMEOUT.as_secs()),
+                )
+                .into())
+            });
+            stored.map_err(|source| {
+                // Another rejection of the same message tries again.
+                if let Ok(mut parked) = parked_dead_letters().lock() {
+                    parked.remove(&digest);
+                }
+                tracing::warn!(%role, %subject, error = %source, "rejected message not parked");
+                Error::nats(format!("parking a message rejected on {subject}"), source)
+            })
+        }
     }
 
     /// The object store `name`, created (with `replicas`) if it does not exist yet.
@@ -416,6 +542,39 @@ async fn provision(
     Ok((agents, cancels, masters, leases, waits, pools))
 }
 
+/// How long parking a dead letter waits for JetStream before giving up (and logging it).
+pub const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How many parked dead letters a process remembers, so as not to park or count one twice.
+const MAX_REMEMBERED_DEAD_LETTERS: usize = 100_000;
+
+/// The dead letters parked (or being parked) by this process, by [`dead_letter_digest`].
+fn parked_dead_letters() -> &'static Mutex<HashSet<u128>> {
+    static PARKED: OnceLock<Mutex<HashSet<u128>>> = OnceLock::new();
+    PARKED.get_or_init(Mutex::default)
+}
+
+/// Identifies a message rejected by a role: its role, subject and contents.
+fn dead_letter_digest(role: &str, subject: &str, payload: &[u8]) -> u128 {
+    let mut hasher = Sha256::new();
+    for part in [role.as_bytes(), subject.as_bytes()] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher.update(payload);
+    let digest = hasher.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    u128::from_be_bytes(first)
+}
+
+/// `text` as a header value: one line, at most 1,000 characters.
+fn header_value(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1000)
+        .collect()
+}
+
 fn dedup_headers(id: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", id);
@@ -459,6 +618,17 @@ async fn provision_streams(
             description: Some("Step log chunks".into()),
             subjects: vec![subjects::LOGS_ALL.into()],
             max_age: Duration::from_secs(30 * 24 * 3600),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects::DEAD_LETTERS_STREAM.into(),
+            description: Some("Bus messages a role rejected (undecodable or oversized), with why".into()),
+            subjects: vec![subjects::DEAD_LETTERS_ALL.into()],
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 256 * 1024 * 1024,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: dedup_window,
             num_replicas: replicas,
             ..Default::default()
         },
@@ -520,6 +690,30 @@ mod tests {
         assert!(parse_version("2.9.10").unwrap() < bus_schema::MIN_NATS_SERVER_VERSION);
         assert!(parse_version("2.11.0").unwrap() >= bus_schema::MIN_NATS_SERVER_VERSION);
         assert_eq!(parse_version(""), None);
+    }
+
+    #[test]
+    fn dead_letters_are_told_apart_by_role_subject_and_contents() {
+        let digest = dead_letter_digest("engine", "yard.request.app", b"garbage");
+        assert_eq!(
+            digest,
+            dead_letter_digest("engine", "yard.request.app", b"garbage")
+        );
+        assert_ne!(digest, dead_letter_digest("ui", "yard.request.app", b"garbage"));
+        assert_ne!(
+            digest,
+            dead_letter_digest("engine", "yard.request.ap", b"pgarbage")
+        );
+        assert_ne!(
+            digest,
+            dead_letter_digest("engine", "yard.request.app", b"garbage!")
+        );
+    }
+
+    #[test]
+    fn header_values_are_one_short_line() {
+        assert_eq!(header_value("bad\r\nthing"), "bad  thing");
+        assert_eq!(header_value(&"x".repeat(5000)).len(), 1000);
     }
 
     #[test]

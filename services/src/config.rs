@@ -100,6 +100,22 @@ pub struct NatsConfig {
     /// A NATS credentials file (user JWT and seed), when the servers require one.
     #[serde(default)]
     pub credentials: Option<PathBuf>,
+    /// The NATS user, with `password`, when the servers authenticate users by password (as
+    /// the configuration `yard nats-config` writes does). Replies then come to
+    /// `_INBOX.<user>.>`, which that configuration lets only this user read.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// CA certificate(s) (PEM) to trust for the servers' TLS certificates; setting it
+    /// requires TLS.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify their clients.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for NatsConfig {
@@ -109,7 +125,52 @@ impl Default for NatsConfig {
             replicas: default_replicas(),
             request_timeout: default_request_timeout(),
             credentials: None,
+            user: None,
+            password: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
+    }
+}
+
+impl NatsConfig {
+    /// Checks that user and password come together, never with a credentials file, and a
+    /// client certificate with its key; the error names the key and the problem.
+    pub fn check_authentication(&self) -> Result<(), (&'static str, &'static str)> {
+        match (&self.user, &self.password) {
+            (Some(user), Some(_)) if user.trim().is_empty() => return Err(("user", "must not be empty")),
+            (Some(_), None) => return Err(("password", "is needed with `user`")),
+            (None, Some(_)) => return Err(("user", "is needed with `password`")),
+            _ => {}
+        }
+        if self.user.is_some() && self.credentials.is_some() {
+            return Err((
+                "credentials",
+                "cannot be used together with `user` and `password`",
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(("tls_cert", "`tls_cert` and `tls_key` go together"));
+        }
+        Ok(())
+    }
+}
+
+/// A secret string (a password): shown as `***` by `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
     }
 }
 
@@ -124,6 +185,18 @@ pub struct ConnectionConfig {
     /// A NATS credentials file for this deployment.
     #[serde(default)]
     pub credentials: Option<PathBuf>,
+    /// User and password on this deployment's servers (see `[nats] user`).
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// TLS settings for this deployment's servers (see `[nats] tls_ca`).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
     /// The deployment's `[instance] id`.
     pub instance: String,
 }
@@ -134,6 +207,11 @@ impl ConnectionConfig {
         NatsConfig {
             url: self.url.clone(),
             credentials: self.credentials.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
             ..base.clone()
         }
     }
@@ -173,6 +251,16 @@ pub struct HttpConfig {
     /// restart replays only what came after; 0 turns snapshots off.
     #[serde(default = "default_snapshot_interval", with = "duration")]
     pub snapshot_interval: Duration,
+    /// Largest request body the UI master accepts (API and hooks); a larger one gets 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// How long the UI master works on one request before answering 408 (the live streams
+    /// are exempt: they last as long as their client stays).
+    #[serde(default = "default_http_request_timeout", with = "duration")]
+    pub request_timeout: Duration,
+    /// Requests the UI master works on at once; more get 503 at once instead of waiting.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for HttpConfig {
@@ -184,8 +272,23 @@ impl Default for HttpConfig {
             allow_open_writes: false,
             metrics_listen: default_metrics_listen(),
             snapshot_interval: default_snapshot_interval(),
+            max_body_bytes: default_max_body_bytes(),
+            request_timeout: default_http_request_timeout(),
+            max_concurrent_requests: default_max_concurrent_requests(),
         }
     }
+}
+
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+
+fn default_http_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_concurrent_requests() -> usize {
+    1024
 }
 
 fn default_snapshot_interval() -> Duration {
@@ -373,6 +476,60 @@ pub struct BuilderConfig {
     /// Toolkits (`NAME@VERSION`) every step of the builder needs.
     #[serde(default)]
     pub toolkits: Vec<String>,
+    /// Secrets every command step gets as environment variables, by variable name. Their
+    /// values are read on the engine master when a step is assigned, travel only in the step's
+    /// assignment (never in a stored message) and are masked as `***` in the step's log.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, SecretSource>,
+}
+
+/// Where a builder secret's value comes from: exactly one of `env` (a variable of the engine
+/// master's environment) or `file` (a file on the engine master, its trailing newlines
+/// trimmed). Only the source is configuration; the value is never part of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SecretSource {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+}
+
+impl<'de> Deserialize<'de> for SecretSource {
+    /// A table of `env` and `file`; anything else (a value written in place of its source,
+    /// say) is refused without echoing it.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            #[serde(default)]
+            env: Option<String>,
+            #[serde(default)]
+            file: Option<PathBuf>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Source(Fields),
+            Other(serde::de::IgnoredAny),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Source(Fields { env, file }) => Ok(SecretSource { env, file }),
+            Written::Other(_) => Err(serde::de::Error::custom(
+                "a secret is `{ env = \"VAR\" }` or `{ file = \"/path\" }` (its source, never its value)",
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SecretSource {
+    /// Names the source (never the value): `environment variable X` or `file /path`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.env, &self.file) {
+            (Some(variable), _) => write!(f, "environment variable {variable}"),
+            (None, Some(path)) => write!(f, "file {}", path.display()),
+            (None, None) => f.write_str("no source"),
+        }
+    }
 }
 
 fn default_retries() -> u32 {
@@ -680,6 +837,9 @@ impl YardConfig {
         if !(1..=5).contains(&self.nats.replicas) {
             return Err(self.invalid("nats.replicas", "must be between 1 and 5"));
         }
+        if let Err((key, problem)) = self.nats.check_authentication() {
+            return Err(self.invalid(format!("nats.{key}"), problem));
+        }
         if let Some(id) = &self.masters.id {
             if !bus_schema::subjects::is_valid_token(id) {
                 return Err(self.invalid(
@@ -690,6 +850,15 @@ impl YardConfig {
         }
         if self.masters.dead_after <= self.masters.heartbeat {
             return Err(self.invalid("masters.dead_after", "must be longer than masters.heartbeat"));
+        }
+        if self.http.max_body_bytes == 0 {
+            return Err(self.invalid("http.max_body_bytes", "must be more than 0"));
+        }
+        if self.http.request_timeout.is_zero() {
+            return Err(self.invalid("http.request_timeout", "must be longer than 0"));
+        }
+        if self.http.max_concurrent_requests == 0 {
+            return Err(self.invalid("http.max_concurrent_requests", "must be more than 0"));
         }
         let mut instances = HashSet::new();
         for (position, connection) in self.connections.iter().enumerate() {
@@ -711,6 +880,9 @@ impl YardConfig {
             }
             if connection.url.trim().is_empty() {
                 return Err(self.invalid(format!("{key}.url"), "must not be empty"));
+            }
+            if let Err((field, problem)) = connection.nats(&self.nats).check_authentication() {
+                return Err(self.invalid(format!("{key}.{field}"), problem));
             }
         }
         if let Some(name) = &self.agent.name {
@@ -743,7 +915,18 @@ impl YardConfig {
                 return Err(self.invalid(format!("{key}.steps"), "a builder needs at least one step"));
             }
             self.validate_toolkits(&builder.toolkits, &format!("{key}.toolkits"))?;
+            self.validate_secrets(builder, &format!("{key}.secrets"))?;
             self.validate_steps(&builder.steps, &format!("{key}.steps"))?;
+            let steps = builder.flat_steps().len();
+            if steps > bus_schema::build::MAX_STEPS as usize {
+                return Err(self.invalid(
+                    format!("{key}.steps"),
+                    format!(
+                        "{steps} steps; a builder has at most {}",
+                        bus_schema::build::MAX_STEPS
+                    ),
+                ));
+            }
         }
         let mut roles = HashSet::new();
         for (position, pool) in self.pools.iter().enumerate() {
@@ -802,6 +985,52 @@ impl YardConfig {
                     key,
                     format!("{spec:?}: a toolkit is NAME@VERSION (letters, digits, `-`, `_`; the version also `.`)"),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_secrets(&self, builder: &BuilderConfig, key: &str) -> Result<(), Error> {
+        for (name, source) in &builder.secrets {
+            let problem = |text: String| format!("builder {:?}, secret {name:?}: {text}", builder.name);
+            if !is_env_name(name) {
+                return Err(self.invalid(
+                    key,
+                    problem("is not a variable name (a letter or `_`, then letters, digits and `_`)".into()),
+                ));
+            }
+            if name.starts_with("YARD_") {
+                return Err(self.invalid(key, problem("`YARD_` variables are Yardmaster's own".into())));
+            }
+            let secret_key = format!("{key}.{name}");
+            match (&source.env, &source.file) {
+                (Some(variable), None) => {
+                    if variable.is_empty() || variable.contains(['=', '\0']) {
+                        return Err(self.invalid(
+                            format!("{secret_key}.env"),
+                            problem(format!("{variable:?} is not an environment variable name")),
+                        ));
+                    }
+                }
+                (None, Some(path)) => {
+                    if !path.is_absolute() {
+                        return Err(self.invalid(
+                            format!("{secret_key}.file"),
+                            problem(format!(
+                                "{:?} must be an absolute path (it is read on the engine master)",
+                                path.display().to_string()
+                            )),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(self.invalid(
+                        secret_key,
+                        problem(
+                            "give exactly one source: `{ env = \"VAR\" }` or `{ file = \"/path\" }`".into(),
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -1150,11 +1379,99 @@ builders = ["demo"]
     }
 
     #[test]
+    fn secrets_name_their_source() {
+        let text = GOOD.replace(
+            "agents = 'os == \"linux\"'",
+            "agents = 'os == \"linux\"'\nsecrets = { API_TOKEN = { env = \"CI_TOKEN\" }, KEY = { file = \"/etc/yard/key\" } }",
+        );
+        let config = load(&text).unwrap();
+        let secrets = &config.builder("demo").unwrap().secrets;
+        assert_eq!(secrets["API_TOKEN"].env.as_deref(), Some("CI_TOKEN"));
+        assert_eq!(secrets["API_TOKEN"].to_string(), "environment variable CI_TOKEN");
+        assert_eq!(secrets["KEY"].file.as_deref(), Some(Path::new("/etc/yard/key")));
+        assert_eq!(secrets["KEY"].to_string(), "file /etc/yard/key");
+        // A builder without secrets keeps the digest it had before secrets existed.
+        let plain = load(GOOD).unwrap();
+        assert!(!serde_json::to_string(plain.builder("demo").unwrap())
+            .unwrap()
+            .contains("secrets"));
+    }
+
+    #[test]
+    fn bad_secret_definitions_name_the_builder_and_the_secret() {
+        let with_secrets = |secrets: &str| {
+            let text = GOOD.replace(
+                "agents = 'os == \"linux\"'",
+                &format!("agents = 'os == \"linux\"'\nsecrets = {{ {secrets} }}"),
+            );
+            load(&text).unwrap_err().to_string()
+        };
+        let message = with_secrets(r#"TOKEN = { env = "A", file = "/b" }"#);
+        assert!(
+            message.starts_with("test.toml: builder[0].secrets.TOKEN: builder \"demo\", secret \"TOKEN\": ")
+                && message.contains("exactly one source"),
+            "{message}"
+        );
+        let message = with_secrets("TOKEN = {}");
+        assert!(
+            message.contains("builder[0].secrets.TOKEN") && message.contains("exactly one source"),
+            "{message}"
+        );
+        let message = with_secrets(r#"1TOKEN = { env = "A" }"#);
+        assert!(
+            message.contains("builder[0].secrets: builder \"demo\", secret \"1TOKEN\"")
+                && message.contains("not a variable name"),
+            "{message}"
+        );
+        let message = with_secrets(r#"YARD_BUILD_ID = { env = "A" }"#);
+        assert!(
+            message.contains("\"YARD_BUILD_ID\"") && message.contains("Yardmaster's own"),
+            "{message}"
+        );
+        let message = with_secrets(r#"TOKEN = { env = "" }"#);
+        assert!(message.contains("builder[0].secrets.TOKEN.env"), "{message}");
+        let message = with_secrets(r#"TOKEN = { file = "relative/key" }"#);
+        assert!(
+            message.contains("builder[0].secrets.TOKEN.file") && message.contains("absolute path"),
+            "{message}"
+        );
+        let message = with_secrets(r#"TOKEN = { vault = "x" }"#);
+        assert!(
+            message.starts_with("test.toml: ") && message.contains("{ env = \"VAR\" }"),
+            "{message}"
+        );
+        // A value written where its source belongs is refused without being echoed.
+        let message = with_secrets(r#"TOKEN = "the value itself""#);
+        assert!(
+            message.contains("secrets.TOKEN") && !message.contains("the value itself"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn env_names_are_checked() {
         assert!(is_env_name("CC"));
         assert!(is_env_name("_x1"));
         assert!(!is_env_name("1x"));
         assert!(!is_env_name("A-B"));
         assert!(!is_env_name(""));
+    }
+
+    #[test]
+    fn nats_users_need_their_password_and_hide_it() {
+        let with = |nats: &str| load(&GOOD.replace("[nats]", &format!("[nats]\n{nats}")));
+        let config = with("user = \"engine\"\npassword = \"s3cret\"").unwrap();
+        assert_eq!(config.nats.password.as_ref().map(Secret::expose), Some("s3cret"));
+        assert!(!format!("{:?}", config.nats).contains("s3cret"));
+        let message = with("user = \"engine\"").unwrap_err().to_string();
+        assert!(message.contains("nats.password"), "{message}");
+        let message = with("password = \"p\"").unwrap_err().to_string();
+        assert!(message.contains("nats.user"), "{message}");
+        let message = with("user = \"u\"\npassword = \"p\"\ncredentials = \"/c\"")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("nats.credentials"), "{message}");
+        let message = with("tls_cert = \"/c.pem\"").unwrap_err().to_string();
+        assert!(message.contains("nats.tls_cert"), "{message}");
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod lease;
 pub mod metrics;
 pub mod nats_server;
+pub mod permissions;
 pub mod presence;
 pub mod selector;
 pub mod shutdown;

@@ -169,6 +169,21 @@ impl SchedulerMetrics {
     }
 }
 
+/// Bus messages each role of this process rejected (undecodable or oversized) and parked in
+/// the dead-letter stream; a message rejected again is not counted twice.
+pub fn dead_letters() -> &'static Family<RoleLabel, Counter> {
+    static DEAD_LETTERS: OnceLock<Family<RoleLabel, Counter>> = OnceLock::new();
+    DEAD_LETTERS.get_or_init(|| {
+        let family = Family::default();
+        register(
+            "yard_dead_letters",
+            "Bus messages rejected as undecodable or oversized and parked in YARD_DEAD_LETTERS, by role",
+            Family::clone(&family),
+        );
+        family
+    })
+}
+
 fn bus_rtt() -> &'static Family<RoleLabel, Gauge<f64, std::sync::atomic::AtomicU64>> {
     static RTT: OnceLock<Family<RoleLabel, Gauge<f64, std::sync::atomic::AtomicU64>>> = OnceLock::new();
     RTT.get_or_init(|| {

@@ -117,7 +117,7 @@ impl NatsServer {
                 source,
             })?;
             let config = format!(
-                "server_name: n{node}\nlisten: 127.0.0.1:{client}\njetstream {{ store_dir: \"{store}\" }}\ncluster {{\n  name: yard\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n",
+                "server_name: n{node}\nlisten: 127.0.0.1:{client}\njetstream {{ store_dir: \"{store}\" }}\ncluster {{\n  name: yard\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n  no_advertise: true\n}}\n",
                 client = client_ports[node],
                 store = node_dir.join("jetstream").display(),
                 route = route_ports[node],
@@ -131,6 +131,20 @@ impl NatsServer {
             nodes.push(Self::start_node(binary, &node_dir, &config_file)?);
         }
         Ok(nodes)
+    }
+
+    /// Starts nats-server with the configuration file `config_file` (which says where it
+    /// listens and stores), its ports file and log under `data_dir`.
+    pub fn start_with_config(
+        binary: &Path,
+        data_dir: &Path,
+        config_file: &Path,
+    ) -> Result<NatsServer, Error> {
+        std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        Self::start_node(binary, data_dir, config_file)
     }
 
     fn start_node(binary: &Path, data_dir: &Path, config_file: &Path) -> Result<NatsServer, Error> {
@@ -206,6 +220,11 @@ impl NatsServer {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// The server's log file.
+    pub fn log_file(&self) -> PathBuf {
+        self.data_dir.join("nats-server.log")
     }
 
     /// Kills the server at once (as a crash would) and waits for it to exit.

@@ -11,6 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::time::now;
 use crate::{Bus, YardConfig};
 
+/// The role naming the masters' shared presence in dead letters and metrics.
+const ROLE: &str = "master";
+
 /// The id this master goes by: `[masters] id`, else `<host>-<random>`.
 pub fn master_id(config: &YardConfig) -> String {
     if let Some(id) = &config.masters.id {
@@ -88,7 +91,10 @@ pub fn spawn(
                             shutdown.cancel();
                             "draining".to_owned()
                         }
-                        Err(error) => format!("refused: {error}"),
+                        Err(error) => {
+                            tokio::spawn(bus.park_dead_letter(ROLE, &message.subject, &message.payload, &error));
+                            format!("refused: {error}")
+                        }
                     };
                     if let Some(reply_to) = message.reply {
                         // Answer after the draining record is stored, below.
@@ -122,6 +128,7 @@ fn warn_about_conflicts(
     };
     let mut reported = std::collections::HashSet::new();
     let silence = Some(config_dead_after);
+    let parker = bus.clone();
     let _ready = crate::watch::follow_bucket(bus.masters.clone(), stop, silence, move |change| {
         let crate::watch::BucketChange::Put { key, value } = change else {
             return;
@@ -129,8 +136,13 @@ fn warn_about_conflicts(
         if key == own_id {
             return;
         }
-        let Ok(peer) = bus_schema::decode::<MasterRecord>(&value) else {
-            return;
+        let peer = match bus_schema::decode::<MasterRecord>(&value) {
+            Ok(peer) => peer,
+            Err(error) => {
+                let subject = subjects::kv_key(subjects::MASTERS_BUCKET, &key);
+                tokio::spawn(parker.park_dead_letter(ROLE, &subject, &value, &error));
+                return;
+            }
         };
         for (name, digest) in &peer.definitions {
             if own.get(name).is_some_and(|mine| mine != digest)

@@ -110,7 +110,7 @@ pub enum StreamStart {
 }
 
 /// Spawns a task that follows `stream_name` (only `filter` subjects, when given) with an
-/// ordered consumer and calls `apply` with each message's stream sequence and payload, until
+/// ordered consumer and calls `apply` with each message's stream sequence, subject and payload, until
 /// `stop` fires. When the consumer is interrupted (reconnects, leader changes) it resumes
 /// right after the last message applied, so nothing is skipped. The returned receiver
 /// resolves once the follower is consuming.
@@ -120,7 +120,7 @@ pub fn follow_stream(
     filter: Option<&'static str>,
     start: StreamStart,
     stop: CancellationToken,
-    mut apply: impl FnMut(u64, &[u8]) + Send + 'static,
+    mut apply: impl FnMut(u64, &str, &[u8]) + Send + 'static,
 ) -> oneshot::Receiver<()> {
     use async_nats::jetstream::consumer;
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -180,7 +180,7 @@ pub fn follow_stream(
                             .info()
                             .map(|info| info.stream_sequence)
                             .unwrap_or_else(|_| last_sequence.map_or(0, |s| s + 1));
-                        apply(sequence, &message.payload);
+                        apply(sequence, &message.subject, &message.payload);
                         last_sequence = Some(sequence);
                     }
                     Some(Err(error)) => {
@@ -198,11 +198,13 @@ pub fn follow_stream(
 /// A bucket's entries kept in memory by [`mirror_bucket`], by key.
 pub type Mirror<T> = std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, T>>>;
 
-/// Keeps `mirror` in step with a bucket: every entry, decoded with `decode`, under its key,
-/// removed when the key is. Entries that fail to decode are logged and left out. See
-/// [`follow_bucket`] for `restart_after_silence`.
+/// Keeps `mirror` of bucket `store` of `bus` in step with it: every entry, decoded with
+/// `decode`, under its key, removed when the key is. Entries that fail to decode are left out
+/// and parked as dead letters rejected by `role`. See [`follow_bucket`] for
+/// `restart_after_silence`.
 pub fn mirror_bucket<T: Send + Sync + 'static>(
     mirror: &Mirror<T>,
+    (bus, role): (&crate::Bus, &'static str),
     store: kv::Store,
     stop: CancellationToken,
     restart_after_silence: Option<Duration>,
@@ -210,6 +212,7 @@ pub fn mirror_bucket<T: Send + Sync + 'static>(
 ) {
     let map = std::sync::Arc::clone(mirror);
     let bucket = store.name.clone();
+    let bus = bus.clone();
     let _ready = follow_bucket(store, stop, restart_after_silence, move |change| {
         let mut map = map.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         match change {
@@ -217,7 +220,10 @@ pub fn mirror_bucket<T: Send + Sync + 'static>(
                 Ok(entry) => {
                     map.insert(key, entry);
                 }
-                Err(error) => tracing::warn!(%bucket, %key, %error, "ignoring an undecodable entry"),
+                Err(error) => {
+                    let subject = bus_schema::subjects::kv_key(&bucket, &key);
+                    tokio::spawn(bus.park_dead_letter(role, &subject, &value, &error));
+                }
             },
             BucketChange::Removed { key } => {
                 map.remove(&key);
@@ -231,7 +237,26 @@ pub fn decoded<T: serde::de::DeserializeOwned>(value: &bytes::Bytes) -> Result<T
     bus_schema::decode(value)
 }
 
-/// A [`mirror_bucket`] decoder that keeps values as they are.
+/// A [`mirror_bucket`] decoder that keeps values as they are, once they are known to be bus
+/// messages (of this protocol version, not oversized); each reader decodes its own type.
 pub fn raw(value: &bytes::Bytes) -> Result<bytes::Bytes, bus_schema::DecodeError> {
+    bus_schema::decode::<serde::de::IgnoredAny>(value)?;
     Ok(value.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_entries_must_be_bus_messages() {
+        let record = bus_schema::encode(&bus_schema::PoolRecord {
+            role: "db".into(),
+            servers: vec!["db-1".into()],
+        });
+        assert!(raw(&record.into()).is_ok());
+        for garbage in [&b"garbage"[..], b"", b"\x81\xa1v\x01"] {
+            assert!(raw(&bytes::Bytes::from_static(garbage)).is_err());
+        }
+    }
 }

@@ -14,6 +14,8 @@ pub struct Deployment {
     pub config_path: PathBuf,
     processes: BTreeMap<String, YardProcess>,
     uis: BTreeMap<String, Api>,
+    /// Extra environment of the processes started later, by process name.
+    env: BTreeMap<String, Vec<(String, String)>>,
 }
 
 fn free_port() -> u16 {
@@ -37,6 +39,30 @@ impl Deployment {
         let binary = NatsServer::locate_binary().expect("nats-server (scripts/test installs it)");
         let nats = NatsServer::start_cluster(&binary, &dir.path().join("nats")).expect("cluster starts");
         Self::with_nats(dir, nats, &format!("[nats]\nreplicas = 3\n\n{toml}"))
+    }
+
+    /// A deployment on `nats`, a server the test started itself (with a configuration of its
+    /// own), keeping its files in `dir`.
+    pub fn on_server(dir: tempfile::TempDir, nats: NatsServer, toml: &str) -> Deployment {
+        Self::with_nats(dir, vec![nats], toml)
+    }
+
+    /// Sets extra environment variables (its NATS user, say) for the process `name` started
+    /// from now on.
+    pub fn set_env(&mut self, name: &str, env: &[(&str, &str)]) {
+        let env = env
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()));
+        self.env.insert(name.to_owned(), env.collect());
+    }
+
+    fn env_of(&self, name: &str) -> Vec<(&str, &str)> {
+        self.env
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+            .collect()
     }
 
     /// Waits until the bus answers and holds every stream and bucket (on a fresh cluster,
@@ -66,6 +92,7 @@ impl Deployment {
             config_path,
             processes: BTreeMap::new(),
             uis: BTreeMap::new(),
+            env: BTreeMap::new(),
         }
     }
 
@@ -98,7 +125,9 @@ impl Deployment {
         let nats = self.nats_url();
         let config = path.display().to_string();
         let args = [role, "--nats", nats.as_str(), "--config", config.as_str()];
-        let process = YardProcess::start_with_env(id, self.dir.path(), &args, &[("YARD_MASTERS__ID", id)]);
+        let mut env = self.env_of(id);
+        env.push(("YARD_MASTERS__ID", id));
+        let process = YardProcess::start_with_env(id, self.dir.path(), &args, &env);
         self.processes.insert(id.to_owned(), process);
     }
 
@@ -107,7 +136,9 @@ impl Deployment {
         let config = self.config_path.display().to_string();
         let mut args = vec![role, "--nats", &nats, "--config", &config];
         args.extend_from_slice(extra);
-        let process = YardProcess::start_with_env(id, self.dir.path(), &args, &[("YARD_MASTERS__ID", id)]);
+        let mut env = self.env_of(id);
+        env.push(("YARD_MASTERS__ID", id));
+        let process = YardProcess::start_with_env(id, self.dir.path(), &args, &env);
         self.processes.insert(id.to_owned(), process);
     }
 
@@ -146,7 +177,7 @@ impl Deployment {
             "100",
         ];
         args.extend_from_slice(extra);
-        let process = YardProcess::start(name, self.dir.path(), &args);
+        let process = YardProcess::start_with_env(name, self.dir.path(), &args, &self.env_of(name));
         self.processes.insert(name.to_owned(), process);
     }
 

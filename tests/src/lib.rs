@@ -7,6 +7,7 @@ pub mod browser;
 pub mod cluster;
 pub mod deployment;
 pub mod process;
+pub mod proxy;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -295,6 +295,8 @@ async fn releasing_a_server_not_held_warns_and_failure_or_cancel_release_everyth
 async fn a_killed_engines_server_goes_back_when_its_build_ends() {
     yard_tests::init_logging();
     let mut deployment = Deployment::new(CONFIG);
+    // The scheduler master stores forced builds.
+    deployment.master("scheduler", "sched-1");
     deployment.master("engine", "engine-1");
     deployment.master("engine", "engine-2");
     let api = deployment.ui("ui-1");

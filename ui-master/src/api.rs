@@ -10,7 +10,9 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bus_schema::{subjects, BuildRecord, BuildRequest, CancelRequest, Change, LogChunk, LogStream};
+use bus_schema::{
+    subjects, BuildRecord, BuildRequest, CancelRequest, Change, ForceReply, LogChunk, LogStream,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use services::time::now;
@@ -125,7 +127,11 @@ async fn step_log(
         .filter_map(|message| match bus_schema::decode::<LogChunk>(&message.payload) {
             Ok(chunk) => Some(chunk),
             Err(error) => {
-                tracing::warn!(subject = %message.subject, %error, "undecodable log chunk");
+                let parked =
+                    state
+                        .bus
+                        .park_dead_letter(crate::view::ROLE, &message.subject, &message.payload, &error);
+                tokio::spawn(parked);
                 None
             }
         })
@@ -266,7 +272,7 @@ async fn force_build(
         priority: body.priority,
         requested_at: now(),
     };
-    let sequence = state.bus.store_build_request(&request).await?;
+    let sequence = ask_to_force(&state, &request).await?;
     // Let the caller read its own write: wait (briefly) for the view to apply the request.
     state
         .view
@@ -282,6 +288,58 @@ async fn force_build(
     ))
 }
 
+/// Asks the scheduler masters to store a forced build (only they publish build requests);
+/// returns the events-stream sequence of its `requested` event. While no scheduler master
+/// listens (one starting or restarting) it asks again for up to `[nats] request_timeout`; a
+/// request whose answer was lost is asked once more: the build id deduplicates it.
+async fn ask_to_force(state: &AppState, request: &BuildRequest) -> Result<u64, ApiError> {
+    let subject = subjects::force(&request.builder);
+    let payload = Bytes::from(bus_schema::encode(request));
+    let patience = tokio::time::Instant::now() + state.config.nats.request_timeout;
+    let mut timeouts = 0;
+    let answer = loop {
+        match state.bus.client.request(subject.clone(), payload.clone()).await {
+            Ok(answer) => break answer,
+            Err(error)
+                if error.kind() == async_nats::RequestErrorKind::NoResponders
+                    && tokio::time::Instant::now() < patience =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
+                return Err(ApiError::Unavailable(format!(
+                    "no scheduler master forces builder {}: start one whose configuration has a `force` scheduler listing it",
+                    request.builder
+                )))
+            }
+            Err(error) if error.kind() == async_nats::RequestErrorKind::TimedOut && timeouts == 0 => {
+                timeouts += 1;
+                tracing::debug!(build = %request.build_id, "no answer about a forced build yet; asking again");
+            }
+            Err(error) => {
+                return Err(ApiError::Unavailable(format!(
+                    "asking a scheduler master to force builder {}: {error}",
+                    request.builder
+                )))
+            }
+        }
+    };
+    match bus_schema::decode::<ForceReply>(&answer.payload) {
+        Ok(ForceReply::Stored { sequence }) => Ok(sequence),
+        Ok(ForceReply::Refused { reason }) => Err(ApiError::Conflict(reason)),
+        Ok(ForceReply::NotStored { reason }) => Err(ApiError::Unavailable(reason)),
+        Err(error) => {
+            let error = format!("a scheduler master's answer to {subject} cannot be decoded: {error}");
+            let parked =
+                state
+                    .bus
+                    .park_dead_letter(crate::view::ROLE, &answer.subject, &answer.payload, &error);
+            tokio::spawn(parked);
+            Err(ApiError::Unavailable(error))
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct BuilderSummary<'a> {
     name: &'a str,
@@ -289,6 +347,8 @@ struct BuilderSummary<'a> {
     steps: Vec<&'a str>,
     forceable: bool,
     schedulers: Vec<&'a str>,
+    /// The names of the builder's secrets; their sources and values are never shown.
+    secrets: Vec<&'a str>,
 }
 
 async fn list_builders(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -308,6 +368,7 @@ async fn list_builders(State(state): State<Arc<AppState>>) -> impl IntoResponse 
                 .filter(|s| s.builders.contains(&builder.name))
                 .map(|s| s.name.as_str())
                 .collect(),
+            secrets: builder.secrets.keys().map(String::as_str).collect(),
         })
         .collect();
     Json(json!({ "builders": builders }))

@@ -17,6 +17,15 @@ pub enum ApiError {
     /// The bus did not store a write; nothing was accepted.
     #[error("the bus is unavailable: {0}")]
     Unavailable(String),
+    /// The request body is larger than `[http] max_body_bytes`.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The request was not answered within `[http] request_timeout`.
+    #[error("{0}")]
+    Timeout(String),
+    /// The master already works on `[http] max_concurrent_requests` requests.
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl From<services::bus::Error> for ApiError {
@@ -34,6 +43,9 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
     }

@@ -316,6 +316,17 @@ pub fn gitlab_outcome(event: &str, body: &[u8]) -> Result<HookOutcome, ApiError>
     }
 }
 
+/// What a Gitea hook delivery means, by its `X-Gitea-Event`.
+pub fn gitea_outcome(event: &str, body: &[u8]) -> Result<HookOutcome, ApiError> {
+    match event {
+        "push" => Ok(push_change(
+            "gitea",
+            serde_json::from_slice(body).map_err(malformed)?,
+        )),
+        other => Ok(HookOutcome::Ignored(format!("event {other:?} is not supported"))),
+    }
+}
+
 /// Stores the change a hook carried, or says why there was none.
 async fn answer(state: &AppState, outcome: HookOutcome) -> Result<impl IntoResponse, ApiError> {
     match outcome {
@@ -365,22 +376,8 @@ async fn gitea(
     if !signature_matches(&config.secret, &body, signature) {
         return Err(unauthorized("X-Gitea-Signature does not match the body"));
     }
-    match header(&headers, "x-gitea-event").unwrap_or_default() {
-        "push" => {
-            answer(
-                &state,
-                push_change("gitea", serde_json::from_slice(&body).map_err(malformed)?),
-            )
-            .await
-        }
-        other => {
-            answer(
-                &state,
-                HookOutcome::Ignored(format!("event {other:?} is not supported")),
-            )
-            .await
-        }
-    }
+    let event = header(&headers, "x-gitea-event").unwrap_or_default();
+    answer(&state, gitea_outcome(event, &body)?).await
 }
 
 async fn gitlab(
@@ -429,6 +426,22 @@ mod tests {
         assert_eq!(change.repository, "https://github.com/Codertocat/Hello-World.git");
         assert_eq!(change.project, "Codertocat/Hello-World");
         assert_eq!(change.source, "github");
+    }
+
+    #[test]
+    fn gitea_pushes_are_changes_and_other_events_are_ignored() {
+        let HookOutcome::Change(change) = gitea_outcome("push", &fixture()).unwrap() else {
+            panic!("a push is a change");
+        };
+        assert_eq!(
+            (change.branch.as_str(), change.source.as_str()),
+            ("master", "gitea")
+        );
+        assert!(matches!(
+            gitea_outcome("issues", b"{}").unwrap(),
+            HookOutcome::Ignored(_)
+        ));
+        assert!(gitea_outcome("push", b"{not json").is_err());
     }
 
     #[test]

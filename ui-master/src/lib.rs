@@ -8,6 +8,7 @@ mod api;
 pub mod auth;
 mod error;
 pub mod hooks;
+mod limits;
 mod live;
 pub mod openapi;
 pub mod view;
@@ -44,22 +45,36 @@ pub struct AppState {
     pub shutdown: CancellationToken,
 }
 
-/// Largest request body accepted.
-const MAX_BODY_BYTES: usize = 1024 * 1024;
-
 /// The whole HTTP application, for serving or for calling without a socket in tests.
+///
+/// Every request is refused at once beyond `[http] max_concurrent_requests` (503), with a
+/// body beyond `[http] max_body_bytes` (413), and answered within `[http] request_timeout`
+/// (408), except the live streams, which last as long as their client stays.
 pub fn app(state: Arc<AppState>) -> Router {
+    let limits = limits::Limits::new(&state.config.http);
     api::routes()
         .merge(hooks::routes())
         .merge(live::routes())
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            limits.request_timeout,
+        ))
+        .merge(live::streams())
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::authorize,
         ))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            std::time::Duration::from_secs(30),
+        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            limits.max_body_bytes,
+        ))
+        .layer(axum::middleware::map_response_with_state(
+            Arc::clone(&limits),
+            limits::explain_refusals,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            limits,
+            limits::limit_concurrency,
         ))
         .with_state(state)
 }

@@ -26,10 +26,16 @@ use crate::AppState;
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/api/v1/stream", get(stream))
-        .route("/api/v1/builds/{id}/steps/{index}/log/stream", get(log_stream))
         .route("/metrics", get(metrics))
         .route("/", get(index))
+}
+
+/// The Server-Sent Events streams, which last as long as their client stays (so no request
+/// timeout applies to them).
+pub(crate) fn streams() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/v1/stream", get(stream))
+        .route("/api/v1/builds/{id}/steps/{index}/log/stream", get(log_stream))
 }
 
 /// The web UI, embedded in the binary.
@@ -131,7 +137,13 @@ async fn tail_log(
                 let chunk = match bus_schema::decode::<LogChunk>(&message.payload) {
                     Ok(chunk) => chunk,
                     Err(error) => {
-                        tracing::warn!(subject = %message.subject, %error, "undecodable log chunk");
+                        let parked = state.bus.park_dead_letter(
+                            crate::view::ROLE,
+                            &message.subject,
+                            &message.payload,
+                            &error,
+                        );
+                        tokio::spawn(parked);
                         continue;
                     }
                 };

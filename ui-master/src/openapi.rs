@@ -34,14 +34,14 @@ const OPERATIONS: &[(&str, &str, &str, &[u16])] = &[
         "post",
         "/api/v1/changes",
         "Post a change (repository, branch, revision, author, comments, files, project)",
-        &[202, 400, 401, 503],
+        &[202, 400, 401, 413, 503],
     ),
     ("get", "/api/v1/builders", "Configured builders", &[200]),
     (
         "post",
         "/api/v1/builders/{name}/force",
         "Force a build; optional properties, reason, priority",
-        &[202, 400, 401, 404, 409, 503],
+        &[202, 400, 401, 404, 409, 413, 503],
     ),
     ("get", "/api/v1/agents", "Registered agents", &[200]),
     (
@@ -73,7 +73,7 @@ const OPERATIONS: &[(&str, &str, &str, &[u16])] = &[
         "put",
         "/api/v1/pools/{role}",
         "Set a pool's servers",
-        &[200, 400, 401, 503],
+        &[200, 400, 401, 413, 503],
     ),
     (
         "get",
@@ -146,8 +146,8 @@ fn describe(status: u16) -> &'static str {
         401 => "Missing or wrong token or signature",
         404 => "No such thing",
         409 => "Conflicting state",
-        413 => "Body over the size limit",
-        503 => "The bus did not store it; nothing was accepted",
+        413 => "Body over the size limit ([http] max_body_bytes)",
+        503 => "The bus did not store it, or the master is at [http] max_concurrent_requests; nothing was accepted",
         _ => "",
     }
 }

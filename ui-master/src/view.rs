@@ -28,14 +28,17 @@ struct Builds {
     sequence: u64,
 }
 
+/// The role naming the UI master in dead letters and metrics.
+pub(crate) const ROLE: &str = "ui";
+
 /// An agent's record; for an agent of another protocol version, whose record this release
 /// cannot read, what is known: its name, its protocol, and that it is alive now.
-fn agent_record(name: &str, value: &[u8]) -> Option<AgentRecord> {
+fn agent_record(name: &str, value: &[u8]) -> Result<AgentRecord, bus_schema::DecodeError> {
     match bus_schema::decode::<AgentRecord>(value) {
-        Ok(record) => Some(record),
+        Ok(record) => Ok(record),
         Err(bus_schema::DecodeError::IncompatibleVersion { found, .. }) => {
             let at = services::time::now();
-            Some(AgentRecord {
+            Ok(AgentRecord {
                 name: name.to_owned(),
                 labels: BTreeMap::new(),
                 version: "unknown".into(),
@@ -48,7 +51,7 @@ fn agent_record(name: &str, value: &[u8]) -> Option<AgentRecord> {
                 heartbeat_at: at,
             })
         }
-        Err(_) => None,
+        Err(error) => Err(error),
     }
 }
 
@@ -166,24 +169,37 @@ impl View {
         let masters_silence = Some(config.masters.dead_after);
         mirror_bucket(
             &self.masters,
+            (bus, ROLE),
             bus.masters.clone(),
             stop.clone(),
             masters_silence,
             decoded,
         );
-        mirror_bucket(&self.waits, bus.waits.clone(), stop.clone(), None, decoded);
-        mirror_bucket(&self.pools, bus.pools.clone(), stop.clone(), None, raw);
+        let waits = bus.waits.clone();
+        mirror_bucket(&self.waits, (bus, ROLE), waits, stop.clone(), None, decoded);
+        mirror_bucket(
+            &self.pools,
+            (bus, ROLE),
+            bus.pools.clone(),
+            stop.clone(),
+            None,
+            raw,
+        );
         let agents_silence = Some(config.engine.agent_timeout);
         let agents = Arc::clone(&self.agents);
+        let parker = bus.clone();
         let _ready =
             services::watch::follow_bucket(bus.agents.clone(), stop, agents_silence, move |change| {
                 let mut agents = agents.write().unwrap_or_else(|poisoned| poisoned.into_inner());
                 match change {
                     services::watch::BucketChange::Put { key, value } => match agent_record(&key, &value) {
-                        Some(record) => {
+                        Ok(record) => {
                             agents.insert(key, record);
                         }
-                        None => tracing::warn!(agent = %key, "ignoring an undecodable agent record"),
+                        Err(error) => {
+                            let subject = subjects::kv_key(subjects::AGENTS_BUCKET, &key);
+                            tokio::spawn(parker.park_dead_letter(ROLE, &subject, &value, &error));
+                        }
                     },
                     services::watch::BucketChange::Removed { key } => {
                         agents.remove(&key);
@@ -200,37 +216,43 @@ impl View {
         stop: CancellationToken,
     ) {
         let view = Arc::clone(self);
+        let parker = bus.clone();
         let _consuming = follow_stream(
             bus.clone(),
             subjects::EVENTS_STREAM,
             None,
             events_start,
             stop.clone(),
-            move |sequence, payload| {
+            move |sequence, subject, payload| {
                 view.snapshot_stats
                     .replayed_events
                     .fetch_add(1, Ordering::Relaxed);
                 match bus_schema::decode::<BuildEvent>(payload) {
                     Ok(event) => view.apply_event_at(sequence, &event),
-                    Err(error) => tracing::warn!(%error, sequence, "undecodable build event"),
+                    Err(error) => {
+                        tokio::spawn(parker.park_dead_letter(ROLE, subject, payload, &error));
+                    }
                 }
                 view.applied.send_replace(sequence);
             },
         );
         let view = Arc::clone(self);
+        let parker = bus.clone();
         let _consuming = follow_stream(
             bus.clone(),
             subjects::CHANGES_STREAM,
             None,
             changes_start,
             stop,
-            move |sequence, payload| match bus_schema::decode::<Change>(payload) {
+            move |sequence, subject, payload| match bus_schema::decode::<Change>(payload) {
                 Ok(change) => {
                     let mut changes = view.write_changes();
                     changes.list.push(change);
                     changes.sequence = sequence;
                 }
-                Err(error) => tracing::warn!(%error, sequence, "undecodable change"),
+                Err(error) => {
+                    tokio::spawn(parker.park_dead_letter(ROLE, subject, payload, &error));
+                }
             },
         );
     }
@@ -255,7 +277,7 @@ impl View {
             tracing::warn!(%error, "view snapshot unreadable: replaying every event");
             return full;
         }
-        let snapshot: Snapshot<BuildRecord, Change> = match bus_schema::decode(&bytes) {
+        let snapshot: Snapshot<BuildRecord, Change> = match bus_schema::decode_object(&bytes) {
             Ok(snapshot) => snapshot,
             Err(error) => {
                 tracing::warn!(%error, "view snapshot undecodable: replaying every event");
