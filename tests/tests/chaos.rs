@@ -129,11 +129,23 @@ async fn post_changes(
     accepted
 }
 
+/// Every build of `builder`, page by page, newest first.
 async fn builds_of(api: &Api, builder: &str) -> Vec<Value> {
-    let (_, body) = api
-        .get(&format!("/api/v1/builds?builder={builder}&limit=100000"))
-        .await;
-    body["builds"].as_array().cloned().unwrap_or_default()
+    let mut builds: Vec<Value> = Vec::new();
+    loop {
+        let before = builds
+            .last()
+            .map(|build| format!("&before={}", build["id"].as_str().unwrap_or_default()))
+            .unwrap_or_default();
+        let (_, body) = api
+            .get(&format!("/api/v1/builds?builder={builder}&limit=1000{before}"))
+            .await;
+        let page = body["builds"].as_array().cloned().unwrap_or_default();
+        if page.is_empty() {
+            return builds;
+        }
+        builds.extend(page);
+    }
 }
 
 /// Step executions per build from the side-effect file.

@@ -69,6 +69,26 @@ async fn after_kill_9_of_every_process_the_api_shows_the_same_builds_steps_and_l
     }
     let before = everything(&api).await;
     assert_eq!(before.len(), 6);
+    // The listing pages: two at a time, each page older than the last, all six in the end.
+    let mut paged: Vec<String> = Vec::new();
+    loop {
+        let after = paged.last().map(|id| format!("&before={id}")).unwrap_or_default();
+        let (_, page) = api.get(&format!("/api/v1/builds?limit=2{after}")).await;
+        let ids: Vec<String> = page["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|build| build["id"].as_str().unwrap().to_owned())
+            .collect();
+        if ids.is_empty() {
+            break;
+        }
+        assert!(ids.len() <= 2, "{page}");
+        paged.extend(ids);
+    }
+    let mut newest_first: Vec<String> = before.keys().cloned().collect();
+    newest_first.reverse();
+    assert_eq!(paged, newest_first);
     let results: Vec<&Value> = before.values().map(|seen| &seen["build"]["result"]).collect();
     assert!(results.contains(&&json!("failure")) && results.contains(&&json!("success")));
     assert!(

@@ -63,6 +63,7 @@ struct BuildsQuery {
     builder: Option<String>,
     state: Option<String>,
     change: Option<String>,
+    before: Option<String>,
     limit: Option<usize>,
 }
 
@@ -81,6 +82,7 @@ async fn list_builds(
         builder: query.builder,
         state: query.state,
         change: query.change,
+        before: query.before,
         limit: query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT),
     };
     Ok(Json(json!({ "builds": state.view.builds(&filter) })))

@@ -7,7 +7,7 @@ const OPERATIONS: &[(&str, &str, &str, &[u16])] = &[
     (
         "get",
         "/api/v1/builds",
-        "Builds, newest first; filters builder, state, change; limit",
+        "Builds, newest first; filters builder, state, change; limit (at most 1000); before=<build id> for the next page",
         &[200, 400],
     ),
     ("get", "/api/v1/builds/{id}", "One build", &[200, 404]),

@@ -8,6 +8,7 @@
 //! only the events stored after it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -83,6 +84,8 @@ pub struct BuildFilter {
     pub builder: Option<String>,
     pub state: Option<String>,
     pub change: Option<String>,
+    /// Only builds requested before this one (a build id): the next page of a listing.
+    pub before: Option<String>,
     pub limit: usize,
 }
 
@@ -482,9 +485,13 @@ impl View {
     /// Builds matching `filter`, newest first.
     pub fn builds(&self, filter: &BuildFilter) -> Vec<BuildRecord> {
         let builds = self.read_builds();
+        let older = match &filter.before {
+            Some(before) => (Bound::Unbounded, Bound::Excluded(before.as_str())),
+            None => (Bound::Unbounded, Bound::Unbounded),
+        };
         builds
             .ids
-            .iter()
+            .range::<str, _>(older)
             .rev()
             .filter_map(|id| builds.by_id.get(id))
             .filter(|record| record.number != 0)
