@@ -52,7 +52,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
         .iter()
         .filter(|s| s.kind == SchedulerKind::OnChange)
     {
-        let consumer = scheduler_consumer(&bus, scheduler).await?;
+        let consumer = bus.scheduler_consumer(&scheduler.name).await?;
         tasks.push(tokio::spawn(hold_and_follow(
             bus.clone(),
             scheduler.clone(),
@@ -229,45 +229,6 @@ async fn hold_and_follow(
             lease.release().await;
         }
     }
-}
-
-/// The durable consumer through which one scheduler reads changes. A scheduler added later
-/// starts with the changes that arrive after it, not the whole history.
-async fn scheduler_consumer(bus: &Bus, scheduler: &SchedulerConfig) -> Result<consumer::PullConsumer, Error> {
-    let name = subjects::scheduler_consumer(&scheduler.name);
-    let mut stream = bus.stream(subjects::CHANGES_STREAM).await?;
-    if let Ok(existing) = stream.get_consumer(&name).await {
-        return Ok(existing);
-    }
-    // Start right after the newest change. An explicit start sequence rather than "deliver
-    // new": a replicated consumer that changes leader before its state is agreed falls back
-    // to its start policy, and "new" would then skip changes, while a start sequence at
-    // worst repeats some, which the deduplicated build ids absorb.
-    let next_change = stream
-        .info()
-        .await
-        .map_err(|e| services::bus::Error::nats("reading the changes stream", e))?
-        .state
-        .last_sequence
-        + 1;
-    let consumer = stream
-        .get_or_create_consumer(
-            &name,
-            consumer::pull::Config {
-                durable_name: Some(name.clone()),
-                description: Some(format!("Changes for scheduler {}", scheduler.name)),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: next_change,
-                },
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(10),
-                max_ack_pending: 10_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| services::bus::Error::nats(format!("creating consumer {name}"), e))?;
-    Ok(consumer)
 }
 
 async fn follow_changes(

@@ -216,6 +216,46 @@ impl Bus {
             .map_err(|e| Error::nats("publishing a build event", e))
     }
 
+    /// The durable consumer through which the scheduler `name` reads changes, created if it
+    /// does not exist yet. A scheduler added later starts with the changes that arrive after
+    /// its consumer is created, not the whole history; UI masters create the consumers of the
+    /// configured schedulers before they accept changes, so none they accept is skipped.
+    pub async fn scheduler_consumer(&self, name: &str) -> Result<consumer::PullConsumer, Error> {
+        let consumer_name = subjects::scheduler_consumer(name);
+        let mut stream = self.stream(subjects::CHANGES_STREAM).await?;
+        if let Ok(existing) = stream.get_consumer(&consumer_name).await {
+            return Ok(existing);
+        }
+        // Start right after the newest change. An explicit start sequence rather than "deliver
+        // new": a replicated consumer that changes leader before its state is agreed falls back
+        // to its start policy, and "new" would then skip changes, while a start sequence at
+        // worst repeats some, which the deduplicated build ids absorb.
+        let next_change = stream
+            .info()
+            .await
+            .map_err(|e| Error::nats("reading the changes stream", e))?
+            .state
+            .last_sequence
+            + 1;
+        stream
+            .get_or_create_consumer(
+                &consumer_name,
+                consumer::pull::Config {
+                    durable_name: Some(consumer_name.clone()),
+                    description: Some(format!("Changes for scheduler {name}")),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: next_change,
+                    },
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(10),
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| Error::nats(format!("creating consumer {consumer_name}"), e))
+    }
+
     /// Publishes a build event and waits until JetStream stored it. The `finished` event
     /// carries a message id, so that publishing it again after a lost ack (or a second engine
     /// finishing an adopted build) stores it once.

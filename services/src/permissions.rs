@@ -316,6 +316,9 @@ pub fn permissions(role: &Role) -> Option<Permissions> {
                 // Changes (API and hooks), forced builds (through the schedulers), cancels,
                 // pool definitions and drain requests.
                 .publish(subjects::CHANGES_ALL)
+                // The schedulers' durable consumers, created before changes are accepted.
+                .api(format_args!("CONSUMER.CREATE.{CHANGES_STREAM}.>"))
+                .api(format_args!("CONSUMER.INFO.{CHANGES_STREAM}.*"))
                 .publish(subjects::FORCE_ALL)
                 .write_keys(CANCELS_BUCKET, ">")
                 .write_keys(POOLS_BUCKET, &subjects::pool_key("*"))

@@ -550,3 +550,25 @@ async fn every_master_serves_its_metrics() {
         "{ui}"
     );
 }
+
+/// A deployment's first scheduler master starts after a UI master accepted changes: those
+/// changes are built too (the UI master creates the schedulers' consumers before it accepts
+/// any change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_accepted_before_any_scheduler_ran_are_built() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    deployment.master("engine", "engine-1");
+    let api = deployment.ui("ui-1");
+    deployment.agent("a1", "os=linux");
+    api.wait_healthy().await;
+    let changes = post_changes(std::slice::from_ref(&api), 2).await;
+    assert_eq!(changes.len(), 2);
+    deployment.master("scheduler", "sched-1");
+    let builds = wait_all_finished(&api, 2, Duration::from_secs(60)).await;
+    let built: BTreeSet<String> = builds
+        .iter()
+        .map(|build| build["changes"][0]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(built, changes);
+}

@@ -129,6 +129,17 @@ pub async fn serve(
         .local_addr()
         .map_or_else(|_| config.http.listen.clone(), |a| a.to_string());
     services::metrics::spawn_rtt_probe(bus.clone(), "ui", shutdown.clone());
+    // A scheduler that never ran yet would start after the changes accepted before it:
+    // make sure every configured one has its consumer before accepting any.
+    for scheduler in config
+        .schedulers
+        .iter()
+        .filter(|scheduler| scheduler.kind == services::config::SchedulerKind::OnChange)
+    {
+        if let Err(error) = bus.scheduler_consumer(&scheduler.name).await {
+            tracing::warn!(scheduler = %scheduler.name, %error, "cannot create the scheduler's consumer of changes");
+        }
+    }
     let view = view::View::new();
     let follow_stop = CancellationToken::new();
     view.follow(&bus, &config, follow_stop.clone());
