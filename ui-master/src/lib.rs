@@ -68,6 +68,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             limits.max_body_bytes,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&limits),
+            limits::refuse_oversized,
+        ))
         .layer(axum::middleware::map_response_with_state(
             Arc::clone(&limits),
             limits::explain_refusals,

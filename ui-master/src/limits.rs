@@ -49,6 +49,35 @@ pub(crate) async fn limit_concurrency(
     next.run(request).await
 }
 
+/// Bodies refused for their declared size are still read (and dropped) up to this size, so
+/// that the client, still sending, reads the 413 instead of a broken connection.
+const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// Answers 413 to a request whose declared length is over `max_body_bytes`, after reading
+/// and dropping its body (up to [`DRAIN_LIMIT`], within `request_timeout`).
+pub(crate) async fn refuse_oversized(
+    State(limits): State<Arc<Limits>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limits.max_body_bytes as u64 => {
+            if length <= DRAIN_LIMIT {
+                let mut body = request.into_body().into_data_stream();
+                let drained = async { while let Some(Ok(_)) = futures::StreamExt::next(&mut body).await {} };
+                let _ = tokio::time::timeout(limits.request_timeout, drained).await;
+            }
+            StatusCode::PAYLOAD_TOO_LARGE.into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
 /// Turns the bare refusals of the body limit and the timeout layers (and of a body
 /// extractor hitting the limit) into JSON errors naming the limit.
 pub(crate) async fn explain_refusals(State(limits): State<Arc<Limits>>, response: Response) -> Response {
