@@ -569,7 +569,11 @@ impl BuildDriver {
             };
             let agent = own_agent.as_deref().unwrap_or(parent_agent);
             let end = match node.step.kind() {
-                StepKind::Command => self.run_command(builder, node, agent).await,
+                StepKind::Command => match self.restarted_since_started(prior, index, agent) {
+                    // The step's process died with its agent: a new, recorded attempt.
+                    Some(reason) => NodeEnd::AgentLost(reason),
+                    None => self.run_command(builder, node, agent).await,
+                },
                 StepKind::Acquire | StepKind::Release => self.run_pool_step(node).await,
                 StepKind::Sequence | StepKind::Parallel => {
                     self.publish(BuildEventKind::StepStarted {
@@ -607,6 +611,25 @@ impl BuildDriver {
             end
         }
         .boxed()
+    }
+
+    /// For an adopted build whose step `index` had started on `agent` and not finished: why
+    /// it cannot be asked to run again, if the agent process restarted since the step started
+    /// (a restarted agent no longer knows the step, and would run it a second time).
+    fn restarted_since_started(
+        &self,
+        prior: Option<&BuildRecord>,
+        index: u32,
+        agent: &str,
+    ) -> Option<String> {
+        let step = prior?.steps.get(index as usize)?;
+        let started_at = step.started_at?;
+        if step.finished_at.is_some() || step.agent.as_deref() != Some(agent) {
+            return None;
+        }
+        let agent_started_at = self.engine.directory.started_at(agent)?;
+        (agent_started_at > started_at)
+            .then(|| format!("agent {agent} restarted while running step {index}, whose engine was lost"))
     }
 
     fn properties_now(&self) -> BTreeMap<String, String> {

@@ -354,6 +354,11 @@ impl Directory {
         state.reindex(name);
     }
 
+    /// When the agent's current process started, as its record says.
+    pub(crate) fn started_at(&self, name: &str) -> Option<Timestamp> {
+        self.lock().agents.get(name).map(|entry| entry.record.started_at)
+    }
+
     /// True if the agent heartbeated or answered within `window`, whatever its session.
     pub(crate) fn heard_within(&self, name: &str, window: Duration) -> bool {
         let at = now();
