@@ -12,7 +12,7 @@ mod registry;
 mod step;
 mod toolkits;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -99,9 +99,32 @@ struct Occupancy {
     build_id: Option<String>,
     /// Running steps by (build id, attempt, step index).
     running: HashMap<(String, u32, u32), CancellationToken>,
-    /// Steps (attempt, index) of the current build that already ran, so that a repeated
-    /// command (an engine adopting the build) does not run a step twice.
-    finished: HashSet<(u32, u32)>,
+    /// The steps (build id, attempt, index) this run of the agent finished last, newest at the
+    /// back, so that a repeated command (an engine adopting the build) does not run a step
+    /// twice, even after the agent let go of its build.
+    finished: VecDeque<(String, u32, u32)>,
+}
+
+/// How many finished steps an agent remembers: an adopting engine asks again only about the
+/// steps whose end it cannot read, the last few.
+const FINISHED_REMEMBERED: usize = 1024;
+
+impl Occupancy {
+    /// Lets go of `build_id` if the agent serves it, cancelling its running steps; true if it
+    /// did.
+    fn release(&mut self, build_id: &str, machine: &Machine, instance: &str) -> bool {
+        if self.build_id.as_deref() != Some(build_id) {
+            return false;
+        }
+        for ((running_build, _, _), cancel) in &self.running {
+            if running_build == build_id {
+                cancel.cancel();
+            }
+        }
+        self.build_id = None;
+        machine.release(instance);
+        true
+    }
 }
 
 /// The machine an agent process runs on, shared by every deployment it serves: it runs the
@@ -195,8 +218,25 @@ impl Agent {
                         reason: format!("build id {:?} is not a valid token", assignment.build_id),
                     };
                 }
+                if assignment
+                    .require_session
+                    .as_ref()
+                    .is_some_and(|required| *required != self.session)
+                {
+                    // The step may have started under an earlier run of this agent: it died
+                    // with that run, and starting it again would run it twice.
+                    return AgentReply::SessionEnded {
+                        session: self.session.clone(),
+                    };
+                }
                 let cancel = {
                     let mut occupancy = self.lock();
+                    let key = (assignment.build_id.clone(), assignment.attempt, assignment.index);
+                    if occupancy.finished.contains(&key) {
+                        return AgentReply::AlreadyFinished {
+                            session: self.session.clone(),
+                        };
+                    }
                     match &occupancy.build_id {
                         Some(current) if *current != assignment.build_id => {
                             return AgentReply::Busy {
@@ -205,19 +245,9 @@ impl Agent {
                         }
                         _ => {}
                     }
-                    let key = (assignment.build_id.clone(), assignment.attempt, assignment.index);
                     if occupancy.running.contains_key(&key) {
                         // A repeated command (the engine retried after a lost reply).
                         return accepted;
-                    }
-                    if occupancy.build_id.is_some()
-                        && occupancy
-                            .finished
-                            .contains(&(assignment.attempt, assignment.index))
-                    {
-                        return AgentReply::AlreadyFinished {
-                            session: self.session.clone(),
-                        };
                     }
                     if occupancy.build_id.is_none() && !self.machine.take(&self.settings.instance) {
                         return busy_elsewhere();
@@ -231,12 +261,26 @@ impl Agent {
                 let agent = Arc::clone(self);
                 steps.spawn(async move {
                     let key = (assignment.build_id.clone(), assignment.attempt, assignment.index);
-                    step::run(&agent, assignment, cancel).await;
-                    let mut occupancy = agent.lock();
-                    occupancy.running.remove(&key);
-                    if occupancy.build_id.as_deref() == Some(key.0.as_str()) {
-                        occupancy.finished.insert((key.1, key.2));
+                    let release_after = assignment.release_after;
+                    let ended = step::run(&agent, assignment, cancel).await;
+                    // Let go of the build first when nothing more of it runs here, so that
+                    // whoever learns of the step's end finds the agent free.
+                    let released = {
+                        let mut occupancy = agent.lock();
+                        occupancy.running.remove(&key);
+                        if occupancy.finished.len() == FINISHED_REMEMBERED {
+                            occupancy.finished.pop_front();
+                        }
+                        occupancy.finished.push_back(key.clone());
+                        let idle = !occupancy.running.keys().any(|(build, _, _)| *build == key.0);
+                        release_after
+                            && idle
+                            && occupancy.release(&key.0, &agent.machine, &agent.settings.instance)
+                    };
+                    if released {
+                        agent.build_released(&key.0);
                     }
+                    ended.report(&agent).await;
                 });
                 accepted
             }
@@ -282,36 +326,28 @@ impl Agent {
                 accepted
             }
             AgentCommand::Release { build_id } => {
-                let released = {
-                    let mut occupancy = self.lock();
-                    if occupancy.build_id.as_deref() == Some(build_id.as_str()) {
-                        for ((running_build, _, _), cancel) in &occupancy.running {
-                            if *running_build == build_id {
-                                cancel.cancel();
-                            }
-                        }
-                        occupancy.build_id = None;
-                        occupancy.finished.clear();
-                        self.machine.release(&self.settings.instance);
-                        true
-                    } else {
-                        false
-                    }
-                };
+                let released = self
+                    .lock()
+                    .release(&build_id, &self.machine, &self.settings.instance);
                 if released {
-                    self.occupancy_changed.notify_one();
-                    let workspace = self.workspace(&build_id);
-                    tokio::spawn(async move {
-                        if let Err(error) = tokio::fs::remove_dir_all(&workspace).await {
-                            if error.kind() != std::io::ErrorKind::NotFound {
-                                tracing::warn!(path = %workspace.display(), %error, "cannot remove workspace");
-                            }
-                        }
-                    });
+                    self.build_released(&build_id);
                 }
                 accepted
             }
         }
+    }
+
+    /// After letting go of a build: says so in the agent's record, and removes its workspace.
+    fn build_released(&self, build_id: &str) {
+        self.occupancy_changed.notify_one();
+        let workspace = self.workspace(build_id);
+        tokio::spawn(async move {
+            if let Err(error) = tokio::fs::remove_dir_all(&workspace).await {
+                if error.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %workspace.display(), %error, "cannot remove workspace");
+                }
+            }
+        });
     }
 }
 

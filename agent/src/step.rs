@@ -36,23 +36,61 @@ struct Outcome {
     message: Option<String>,
 }
 
-pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: CancellationToken) {
+/// A step that ended on the agent and whose end is yet to be reported.
+pub(crate) struct StepEnd {
+    build_id: String,
+    attempt: u32,
+    index: u32,
+    outcome: Outcome,
+}
+
+impl StepEnd {
+    /// Stores the step-finished event, retrying until JetStream has it or the agent's bus is
+    /// gone: the engine waits for this event, so it must not be dropped on a passing error.
+    pub(crate) async fn report(self, agent: &Agent) {
+        let finished = BuildEventKind::StepFinished {
+            index: self.index,
+            attempt: self.attempt,
+            result: self.outcome.result,
+            exit_code: self.outcome.exit_code,
+            message: self.outcome.message,
+        };
+        if !store_until_stored(agent, &self.build_id, self.index, finished).await {
+            tracing::error!(build = %self.build_id, index = self.index, "step result could not be stored; the engine will see the step as lost");
+        }
+    }
+}
+
+/// Runs the step to its end, with every line of its log stored; [`StepEnd::report`] then
+/// reports it.
+pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: CancellationToken) -> StepEnd {
     let build_id = assignment.build_id.clone();
     let index = assignment.index;
     let attempt = assignment.attempt;
-    let started = agent
-        .bus
-        .publish_event(
-            &build_id,
-            BuildEventKind::StepStarted {
-                index,
-                attempt,
-                agent: agent.settings.name.clone(),
-            },
-        )
-        .await;
-    if let Err(error) = &started {
-        tracing::warn!(%error, build = %build_id, index, "step start not published");
+    // Stored before the process starts: a step whose start is not on the bus never ran, and
+    // one whose start is names this run of the agent, so an engine adopting the build knows
+    // whether the agent it asks again is the one that ran it.
+    let started = BuildEventKind::StepStarted {
+        index,
+        attempt,
+        agent: agent.settings.name.clone(),
+        agent_session: Some(agent.session.clone()),
+    };
+    if !store_until_stored(agent, &build_id, index, started).await {
+        let outcome = Outcome {
+            result: StepResult::Exception,
+            exit_code: None,
+            message: Some(format!(
+                "agent {} could not record the step's start, so it did not run it",
+                agent.settings.name
+            )),
+        };
+        return StepEnd {
+            build_id,
+            attempt,
+            index,
+            outcome,
+        };
     }
     let masker = Arc::new(Masker::new(&assignment.masked));
     let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);
@@ -69,10 +107,12 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
     // Every log chunk is stored before the step is reported finished, so whoever sees the
     // step finished can read its whole log.
     let _ = logger.await;
-    if let Ok(started) = started {
-        let _ = started.into_future().await;
+    StepEnd {
+        build_id,
+        attempt,
+        index,
+        outcome,
     }
-    report_finished(agent, &build_id, attempt, index, outcome).await;
 }
 
 async fn execute(
@@ -404,26 +444,20 @@ async fn chunk_stored(ack: Option<async_nats::jetstream::context::PublishAckFutu
     }
 }
 
-/// Stores the step-finished event, retrying until JetStream has it or the agent's bus is gone:
-/// the engine waits for this event, so it must not be dropped on a passing error.
-async fn report_finished(agent: &Agent, build_id: &str, attempt: u32, index: u32, outcome: Outcome) {
+/// Stores a step event, retrying with backoff (about a minute and a half in all) through a
+/// NATS node failing over; false if JetStream never took it.
+async fn store_until_stored(agent: &Agent, build_id: &str, index: u32, kind: BuildEventKind) -> bool {
     let mut delay = Duration::from_millis(50);
     for try_number in 1..=20 {
-        let kind = BuildEventKind::StepFinished {
-            index,
-            attempt,
-            result: outcome.result,
-            exit_code: outcome.exit_code,
-            message: outcome.message.clone(),
-        };
-        match agent.bus.store_event(build_id, kind).await {
-            Ok(_) => return,
+        match agent.bus.store_event(build_id, kind.clone()).await {
+            Ok(_) => return true,
             Err(error) => {
-                tracing::warn!(%error, build = %build_id, index, try_number, "step result not stored; retrying");
+                let event = kind.subject_kind();
+                tracing::warn!(%error, build = %build_id, index, event, try_number, "step event not stored; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
-    tracing::error!(build = %build_id, index, "step result could not be stored; the engine will see the step as lost");
+    false
 }

@@ -98,6 +98,9 @@ pub struct StepRecord {
     pub state: StepState,
     pub result: Option<StepResult>,
     pub agent: Option<String>,
+    /// The run of the agent process that started the step.
+    #[serde(default)]
+    pub agent_session: Option<String>,
     pub exit_code: Option<i32>,
     pub message: Option<String>,
     pub started_at: Option<Timestamp>,
@@ -114,6 +117,7 @@ impl StepRecord {
             state: StepState::Pending,
             result: None,
             agent: None,
+            agent_session: None,
             exit_code: None,
             message: None,
             started_at: None,
@@ -232,6 +236,16 @@ impl BuildRecord {
         }
     }
 
+    /// Holding its master agent, the build runs (its steps may still wait).
+    fn hold_master(&mut self, agent: &str, at: Timestamp) {
+        self.agent = Some(agent.to_owned());
+        if self.state < BuildState::Running {
+            self.message = None;
+        }
+        self.advance(BuildState::Running);
+        self.started_at.get_or_insert(at);
+    }
+
     /// Applies one event of this build.
     pub fn apply(&mut self, event: &BuildEvent) {
         match &event.kind {
@@ -243,7 +257,7 @@ impl BuildRecord {
                 self.properties.clone_from(&request.properties);
                 self.requested_at = request.requested_at;
             }
-            BuildEventKind::Claimed { engine, steps } => {
+            BuildEventKind::Claimed { engine, steps, agent } => {
                 self.engine = Some(engine.clone());
                 self.claimed_by.push(engine.clone());
                 let attempt = self.attempt();
@@ -255,6 +269,9 @@ impl BuildRecord {
                     step.path.clone_from(&planned.path);
                     step.kind.clone_from(&planned.kind);
                 }
+                if let Some(agent) = agent {
+                    self.hold_master(agent, event.at);
+                }
             }
             BuildEventKind::Waiting { reason } => {
                 if self.state < BuildState::Running {
@@ -265,15 +282,7 @@ impl BuildRecord {
             BuildEventKind::PropertySet { name, value } => {
                 self.properties.insert(name.clone(), value.clone());
             }
-            BuildEventKind::MasterAgent { agent } => {
-                // Holding its master agent, the build runs (its steps may still wait).
-                self.agent = Some(agent.clone());
-                if self.state < BuildState::Running {
-                    self.message = None;
-                }
-                self.advance(BuildState::Running);
-                self.started_at.get_or_insert(event.at);
-            }
+            BuildEventKind::MasterAgent { agent } => self.hold_master(agent, event.at),
             BuildEventKind::StepWaiting {
                 index,
                 attempt,
@@ -291,6 +300,7 @@ impl BuildRecord {
                 index,
                 attempt,
                 agent,
+                agent_session,
             } => {
                 if self.state < BuildState::Running {
                     self.message = None;
@@ -302,6 +312,7 @@ impl BuildRecord {
                 };
                 // Steps the engine carries out itself (pool acquisitions) run on no agent.
                 step.agent = (!agent.is_empty()).then(|| agent.clone());
+                step.agent_session.clone_from(agent_session);
                 step.started_at = Some(event.at);
                 if step.state < StepState::Running {
                     step.state = StepState::Running;
@@ -398,6 +409,7 @@ mod tests {
                     index,
                     attempt: 0,
                     agent: "a1".into(),
+                    agent_session: None,
                 },
                 3,
             ));
@@ -432,6 +444,7 @@ mod tests {
             BuildEventKind::Claimed {
                 engine: "e1".into(),
                 steps: vec![planned; MAX_STEPS as usize + 5],
+                agent: None,
             },
             7,
         ));
@@ -441,6 +454,7 @@ mod tests {
                 index: MAX_STEPS - 1,
                 attempt: 0,
                 agent: "a1".into(),
+                agent_session: None,
             },
             8,
         ));
@@ -455,6 +469,7 @@ mod tests {
                 index: 0,
                 attempt: 0,
                 agent: "a1".into(),
+                agent_session: None,
             },
             3,
         ));
@@ -484,6 +499,7 @@ mod tests {
                         kind: "command".into(),
                     },
                 ],
+                agent: Some("a1".into()),
             },
             2,
         ));
@@ -495,6 +511,7 @@ mod tests {
         ));
         assert_eq!(record.state, BuildState::Running);
         assert_eq!(record.message, None);
+        assert_eq!(record.agent.as_deref(), Some("a1"));
         assert_eq!(record.steps[0].name, "compile");
         assert_eq!(record.steps[0].state, StepState::Finished);
         assert_eq!(record.steps[1].state, StepState::Pending);
@@ -516,6 +533,7 @@ mod tests {
             index: 0,
             attempt,
             agent: format!("agent-{attempt}"),
+            agent_session: Some(format!("session-{attempt}")),
         };
         record.apply(&event(started(0), 2));
         record.apply(&event(
@@ -540,6 +558,7 @@ mod tests {
         assert_eq!(record.attempt(), 1);
         assert_eq!(record.steps[0].state, StepState::Running);
         assert_eq!(record.steps[0].agent.as_deref(), Some("agent-1"));
+        assert_eq!(record.steps[0].agent_session.as_deref(), Some("session-1"));
         assert_eq!(record.retries[0].steps[0].result, Some(StepResult::Failure));
     }
 }

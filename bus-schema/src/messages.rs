@@ -75,6 +75,10 @@ pub enum BuildEventKind {
     Claimed {
         engine: String,
         steps: Vec<PlannedStep>,
+        /// The agent the build holds for its master step, when the engine had one at hand as
+        /// it claimed the build (else a `MasterAgent` event follows).
+        #[serde(default)]
+        agent: Option<String>,
     },
     Waiting {
         reason: String,
@@ -96,6 +100,11 @@ pub enum BuildEventKind {
         #[serde(default)]
         attempt: u32,
         agent: String,
+        /// The run of the agent process that started the step (see [`AgentRecord::session`]);
+        /// `None` for steps the engine carries out itself. An agent stores this event before
+        /// it starts the step's process, so a step without it never ran.
+        #[serde(default)]
+        agent_session: Option<String>,
     },
     StepFinished {
         index: u32,
@@ -193,6 +202,16 @@ pub struct StepAssignment {
     /// of a value spanning several lines.
     #[serde(default)]
     pub masked: Vec<String>,
+    /// Set by an engine that adopted the build from a lost engine: the step may already have
+    /// started under this run of the agent, and must not run again under another (whose
+    /// process would not know it). An agent that is another run answers
+    /// [`AgentReply::SessionEnded`] instead of starting the step.
+    #[serde(default)]
+    pub require_session: Option<String>,
+    /// Nothing more of the build runs on the agent after this step: the agent lets go of the
+    /// build as the step ends (before reporting it), with no `Release` to wait for.
+    #[serde(default)]
+    pub release_after: bool,
 }
 
 /// Shortest secret value masked in logs: masking a one- or two-byte value would garble every
@@ -202,7 +221,8 @@ pub const MIN_MASKED_BYTES: usize = 3;
 /// A command on an agent's own work subject; the agent answers each with an [`AgentReply`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentCommand {
-    /// Start a step. The agent takes it only if it is idle or already busy with the same build.
+    /// Start a step. The agent takes it only if it is idle or already busy with the same build;
+    /// taking it holds the agent for the build, as `Hold` does.
     RunStep(StepAssignment),
     /// Reserve the agent for a build without running anything yet (a master step holding its
     /// agent while its children run elsewhere). Same rule as `RunStep`.
@@ -228,6 +248,9 @@ pub enum AgentReply {
     Busy { build_id: String },
     /// The agent already ran this step of the build it serves; its result is on the bus.
     AlreadyFinished { session: String },
+    /// The command was for an earlier run of the agent (`require_session`), which ended: the
+    /// steps it ran died with it. `session` is the agent's current run.
+    SessionEnded { session: String },
     /// The command cannot be carried out, and why.
     Refused { reason: String },
 }

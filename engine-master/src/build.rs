@@ -126,6 +126,7 @@ pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
         holds: Mutex::new(HashMap::new()),
         properties: Mutex::new(properties),
         pending_acks: Mutex::new(Vec::new()),
+        unannounced_claim: Mutex::new(None),
     };
     // An adopted build continues from what its events say; if they cannot be read now (the
     // bus failing over), it must not start over as if new: leave it claimed but unfinished,
@@ -201,16 +202,11 @@ pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
     keepalive.abort();
     engine.running.remove(&build_id);
     engine.deadlock_victims.remove(&build_id);
-    // Only now, with the build's end stored, does the request leave the work queue. Retried:
-    // an unacknowledged request would be adopted again after the claim timeout.
-    for try_number in 1..=10u32 {
-        match acker.double_ack().await {
-            Ok(()) => break,
-            Err(error) => {
-                tracing::debug!(build = %build_id, %error, try_number, "request ack not confirmed; retrying");
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(try_number))).await;
-            }
-        }
+    // Only now, with the build's end stored, does the request leave the work queue. An ack
+    // lost on the way brings the request back after the claim timeout, to an engine that
+    // finds the build's end stored and only acknowledges it.
+    if let Err(error) = acker.ack().await {
+        tracing::debug!(build = %build_id, %error, "request ack not sent; the request comes back");
     }
 }
 
@@ -240,6 +236,23 @@ async fn keep_claimed_while_running(engine: &Engine, build_id: &str, acker: &jet
 struct Hold {
     count: u32,
     session: String,
+    /// Not asked yet: the build's first step on the agent takes it (a `RunStep` holds the
+    /// agent as a `Hold` does, one round trip fewer). Until then another engine's build may
+    /// get there first, and the build picks another agent.
+    untaken: bool,
+    /// The agent let go of the build itself, with the last step it ran for it.
+    released_by_agent: bool,
+}
+
+impl Hold {
+    fn taken(session: String) -> Hold {
+        Hold {
+            count: 1,
+            session,
+            untaken: false,
+            released_by_agent: false,
+        }
+    }
 }
 
 /// How a step (or the master step) ended.
@@ -249,6 +262,9 @@ enum NodeEnd {
     Cancelled,
     /// An agent holding the build's work was lost; the build may start over.
     AgentLost(String),
+    /// The agent picked for the build's first step was not there to take it (another engine's
+    /// build got it first, or it did not answer); nothing ran, and another agent is picked.
+    AgentTaken(String),
 }
 
 /// How one attempt of a build ended.
@@ -268,6 +284,9 @@ struct BuildDriver {
     properties: Mutex<BTreeMap<String, String>>,
     /// Events published but not yet confirmed stored, kept to publish again on failure.
     pending_acks: Mutex<Vec<(BuildEventKind, jetstream::context::PublishAckFuture)>>,
+    /// The plan of a claim not yet announced: the `claimed` event goes out with the build's
+    /// next event, and names the master agent when that event would have (one event fewer).
+    unannounced_claim: Mutex<Option<Vec<PlannedStep>>>,
 }
 
 impl BuildDriver {
@@ -283,9 +302,49 @@ impl BuildDriver {
         self.holds.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The events to publish for `kind`: the unannounced claim first, if there is one, or in
+    /// place of `kind` if `kind` names the master agent.
+    fn with_claim(&self, kind: BuildEventKind) -> (Option<BuildEventKind>, BuildEventKind) {
+        let plan = self
+            .unannounced_claim
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(steps) = plan else {
+            return (None, kind);
+        };
+        let engine = self.engine.id.clone();
+        match kind {
+            BuildEventKind::MasterAgent { agent } => (
+                None,
+                BuildEventKind::Claimed {
+                    engine,
+                    steps,
+                    agent: Some(agent),
+                },
+            ),
+            kind => (
+                Some(BuildEventKind::Claimed {
+                    engine,
+                    steps,
+                    agent: None,
+                }),
+                kind,
+            ),
+        }
+    }
+
     /// Publishes an event without waiting for it to be stored; [`Self::flush_events`] makes
     /// sure it was.
     async fn publish(&self, kind: BuildEventKind) {
+        let (claim, kind) = self.with_claim(kind);
+        if let Some(claim) = claim {
+            self.publish_now(claim).await;
+        }
+        self.publish_now(kind).await;
+    }
+
+    async fn publish_now(&self, kind: BuildEventKind) {
         match self.engine.bus.publish_event(self.id(), kind.clone()).await {
             Ok(ack) => self
                 .pending_acks
@@ -294,7 +353,7 @@ impl BuildDriver {
                 .push((kind, ack)),
             Err(error) => {
                 tracing::warn!(build = %self.id(), %error, "event not published; storing it again");
-                self.store_with_retries(kind).await;
+                self.store_retrying(kind).await;
             }
         }
     }
@@ -311,13 +370,22 @@ impl BuildDriver {
         for (kind, ack) in pending {
             if let Err(error) = ack.into_future().await {
                 tracing::warn!(build = %self.id(), %error, "event not stored; storing it again");
-                self.store_with_retries(kind).await;
+                self.store_retrying(kind).await;
             }
         }
     }
 
     /// Stores an event, retrying with backoff while the bus refuses it; false if it gave up.
     async fn store_with_retries(&self, kind: BuildEventKind) -> bool {
+        let (claim, kind) = self.with_claim(kind);
+        if let Some(claim) = claim {
+            self.publish_now(claim).await;
+        }
+        self.store_retrying(kind).await
+    }
+
+    /// [`Self::store_with_retries`] without announcing the claim.
+    async fn store_retrying(&self, kind: BuildEventKind) -> bool {
         let mut delay = Duration::from_millis(50);
         for try_number in 1..=20 {
             match self.engine.bus.store_event(self.id(), kind.clone()).await {
@@ -386,11 +454,11 @@ impl BuildDriver {
             }
         };
         let flat = builder.flat_steps();
-        self.publish(BuildEventKind::Claimed {
-            engine: engine.id.clone(),
-            steps: plan(&flat),
-        })
-        .await;
+        // Announced with the build's first event: the master agent, when one is free.
+        *self
+            .unannounced_claim
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(plan(&flat));
         self.attempt
             .store(prior.as_ref().map_or(0, BuildRecord::attempt), Ordering::SeqCst);
         loop {
@@ -428,17 +496,34 @@ impl BuildDriver {
         }
     }
 
-    /// Counts as held the agents an earlier engine reserved for this build (adoption).
+    /// Counts as held the agents an earlier engine reserved for this build (adoption), each
+    /// under the run of the agent that may have started its unfinished steps: the one named
+    /// by such a step's start, else the one the directory knows now. A step started under one
+    /// run is never sent to another (see [`StepAssignment::require_session`]).
     fn adopt_holds(&self, record: &BuildRecord) {
+        let mut sessions: HashMap<&str, String> = HashMap::new();
+        for step in record
+            .steps
+            .iter()
+            .filter(|step| step.state < StepState::Finished)
+        {
+            if let (Some(agent), Some(session)) = (&step.agent, &step.agent_session) {
+                sessions.entry(agent).or_insert_with(|| session.clone());
+            }
+        }
         let mut holds = self.holds();
         for agent in record
             .agent
             .iter()
             .chain(record.steps.iter().filter_map(|s| s.agent.as_ref()))
         {
+            let session = match sessions.get(agent.as_str()) {
+                Some(session) => session.clone(),
+                None => self.engine.directory.session(agent).unwrap_or_default(),
+            };
             holds.entry(agent.clone()).or_insert(Hold {
                 count: 0,
-                session: String::new(),
+                ..Hold::taken(session)
             });
         }
     }
@@ -456,25 +541,37 @@ impl BuildDriver {
             self.skip(all_steps(flat)).await;
             return AttemptEnd::Done((BuildResult::Cancelled, Some("cancelled before it started".into())));
         }
-        let master = match self.hold_agent(builder, selector, None).await {
-            Some(agent) => {
-                let waited = now().millis_since(self.request.requested_at);
-                services::metrics::EngineMetrics::get()
-                    .build_wait_seconds
-                    .observe(waited as f64 / 1000.0);
-                agent
-            }
-            None => {
+        let top = top_steps(flat);
+        // A new attempt whose first step runs on the master agent lets that step take it.
+        let taken_by_first_step = prior.is_none()
+            && top.first().is_some_and(|first| {
+                let step = &flat[*first as usize].step;
+                step.kind() == StepKind::Command && step.agents.is_none()
+            });
+        let (master, end) = loop {
+            let Some(master) = self
+                .hold_agent(builder, selector, None, taken_by_first_step)
+                .await
+            else {
                 self.skip(all_steps(flat)).await;
                 return AttemptEnd::Done(self.cancelled_ending());
+            };
+            self.publish(BuildEventKind::MasterAgent {
+                agent: master.clone(),
+            })
+            .await;
+            match self.run_sequence(builder, flat, &top, &master, prior, true).await {
+                NodeEnd::AgentTaken(reason) => {
+                    tracing::debug!(build = %self.id(), %reason, "picking another agent");
+                    self.holds().remove(&master);
+                }
+                end => break (master, end),
             }
         };
-        self.publish(BuildEventKind::MasterAgent {
-            agent: master.clone(),
-        })
-        .await;
-        let top = top_steps(flat);
-        let end = self.run_sequence(builder, flat, &top, &master, prior).await;
+        let waited = now().millis_since(self.request.requested_at);
+        services::metrics::EngineMetrics::get()
+            .build_wait_seconds
+            .observe(waited as f64 / 1000.0);
         self.release_hold(&master).await;
         match end {
             NodeEnd::Done(outcome) if outcome.result == StepResult::Success => {
@@ -482,7 +579,7 @@ impl BuildDriver {
             }
             NodeEnd::Done(outcome) => AttemptEnd::Done((build_result(outcome.result), outcome.message)),
             NodeEnd::Cancelled => AttemptEnd::Done(self.cancelled_ending()),
-            NodeEnd::AgentLost(reason) => AttemptEnd::AgentLost(reason),
+            NodeEnd::AgentLost(reason) | NodeEnd::AgentTaken(reason) => AttemptEnd::AgentLost(reason),
         }
     }
 
@@ -495,6 +592,7 @@ impl BuildDriver {
     }
 
     /// Runs steps one after another; after the first that does not succeed, skips the rest.
+    /// `last_on_agent`: nothing of the build runs on `agent` after the sequence.
     async fn run_sequence(
         &self,
         builder: &BuilderConfig,
@@ -502,15 +600,19 @@ impl BuildDriver {
         steps: &[u32],
         agent: &str,
         prior: Option<&BuildRecord>,
+        last_on_agent: bool,
     ) -> NodeEnd {
         let mut end = NodeEnd::Done(StepOutcome {
             result: StepResult::Success,
             message: None,
         });
         for (position, index) in steps.iter().enumerate() {
-            let step_end = self.run_node(builder, flat, *index, agent, prior).await;
+            let last = last_on_agent && position + 1 == steps.len();
+            let step_end = self.run_node(builder, flat, *index, agent, prior, last).await;
             match &step_end {
                 NodeEnd::Done(outcome) if outcome.result == StepResult::Success => continue,
+                // Nothing ran: no step is skipped either.
+                NodeEnd::AgentTaken(_) => return step_end,
                 NodeEnd::Done(outcome) => {
                     let name = &flat[*index as usize].path;
                     let detail = outcome
@@ -531,6 +633,7 @@ impl BuildDriver {
     }
 
     /// Runs one step (and its children), on its own agent if it names one, else on `parent`'s.
+    /// `last_on_parent`: nothing of the build runs on the parent's agent after this step.
     fn run_node<'a>(
         &'a self,
         builder: &'a BuilderConfig,
@@ -538,6 +641,7 @@ impl BuildDriver {
         index: u32,
         parent_agent: &'a str,
         prior: Option<&'a BuildRecord>,
+        last_on_parent: bool,
     ) -> BoxFuture<'a, NodeEnd> {
         async move {
             let node = &flat[index as usize];
@@ -558,7 +662,7 @@ impl BuildDriver {
                 None => None,
             };
             let own_agent = match &own_selector {
-                Some(selector) => match self.hold_agent(builder, selector, Some(node)).await {
+                Some(selector) => match self.hold_agent(builder, selector, Some(node), false).await {
                     Some(agent) => Some(agent),
                     None => {
                         self.skip(subtree(flat, &[index])).await;
@@ -568,27 +672,27 @@ impl BuildDriver {
                 None => None,
             };
             let agent = own_agent.as_deref().unwrap_or(parent_agent);
+            // A step on its own agent is the last on it (unless that is a parent's agent too,
+            // which the hold count tells).
+            let last_on_agent = own_agent.is_some() || last_on_parent;
             let end = match node.step.kind() {
-                StepKind::Command => match self.restarted_since_started(prior, index, agent) {
-                    // The step's process died with its agent: a new, recorded attempt.
-                    Some(reason) => NodeEnd::AgentLost(reason),
-                    None => self.run_command(builder, node, agent).await,
-                },
+                StepKind::Command => self.run_command(builder, node, agent, last_on_agent).await,
                 StepKind::Acquire | StepKind::Release => self.run_pool_step(node).await,
                 StepKind::Sequence | StepKind::Parallel => {
                     self.publish(BuildEventKind::StepStarted {
                         index,
                         attempt: self.attempt(),
                         agent: agent.to_owned(),
+                        agent_session: None,
                     })
                     .await;
                     let end = if node.step.kind() == StepKind::Sequence {
-                        self.run_sequence(builder, flat, &node.children, agent, prior)
+                        self.run_sequence(builder, flat, &node.children, agent, prior, last_on_agent)
                             .await
                     } else {
                         let mut children = Vec::with_capacity(node.children.len());
                         for child in &node.children {
-                            children.push(self.run_node(builder, flat, *child, agent, prior));
+                            children.push(self.run_node(builder, flat, *child, agent, prior, false));
                         }
                         combine(futures::future::join_all(children).await)
                     };
@@ -611,25 +715,6 @@ impl BuildDriver {
             end
         }
         .boxed()
-    }
-
-    /// For an adopted build whose step `index` had started on `agent` and not finished: why
-    /// it cannot be asked to run again, if the agent process restarted since the step started
-    /// (a restarted agent no longer knows the step, and would run it a second time).
-    fn restarted_since_started(
-        &self,
-        prior: Option<&BuildRecord>,
-        index: u32,
-        agent: &str,
-    ) -> Option<String> {
-        let step = prior?.steps.get(index as usize)?;
-        let started_at = step.started_at?;
-        if step.finished_at.is_some() || step.agent.as_deref() != Some(agent) {
-            return None;
-        }
-        let agent_started_at = self.engine.directory.started_at(agent)?;
-        (agent_started_at > started_at)
-            .then(|| format!("agent {agent} restarted while running step {index}, whose engine was lost"))
     }
 
     fn properties_now(&self) -> BTreeMap<String, String> {
@@ -720,6 +805,7 @@ impl BuildDriver {
                 index,
                 attempt,
                 agent: String::new(),
+                agent_session: None,
             })
             .await;
             self.publish(BuildEventKind::PropertySet {
@@ -743,6 +829,7 @@ impl BuildDriver {
             index,
             attempt,
             agent: String::new(),
+            agent_session: None,
         })
         .await;
         let server = services::config::substitute(&release.server, &self.properties_now());
@@ -813,12 +900,14 @@ impl BuildDriver {
 
     /// Holds an agent matching `selector` for the build, waiting (and saying why, on the bus
     /// and in the waits bucket) while none is free. `step` is `None` for the master step.
+    /// `by_first_step`: the agent is not asked now; the build's first step on it takes it.
     /// `None` if the build was cancelled while it waited.
     async fn hold_agent(
         &self,
         builder: &BuilderConfig,
         selector: &AgentSelector,
         step: Option<&FlatStep<'_>>,
+        by_first_step: bool,
     ) -> Option<String> {
         loop {
             let acquired = self.engine.directory.acquire(
@@ -838,6 +927,14 @@ impl BuildDriver {
                 hold.count += 1;
                 return Some(name);
             }
+            if by_first_step {
+                let hold = Hold {
+                    untaken: true,
+                    ..Hold::taken(String::new())
+                };
+                self.holds().insert(name.clone(), hold);
+                return Some(name);
+            }
             match self
                 .command(
                     &name,
@@ -849,7 +946,7 @@ impl BuildDriver {
             {
                 Ok(AgentReply::Accepted { session }) => {
                     self.engine.directory.answered(&name, &session);
-                    self.holds().insert(name.clone(), Hold { count: 1, session });
+                    self.holds().insert(name.clone(), Hold::taken(session));
                     return Some(name);
                 }
                 Ok(AgentReply::Busy { build_id: other }) => {
@@ -954,40 +1051,46 @@ impl BuildDriver {
             match holds.get_mut(agent) {
                 Some(hold) if hold.count > 1 => {
                     hold.count -= 1;
-                    false
+                    None
                 }
-                Some(_) => {
-                    holds.remove(agent);
-                    true
-                }
-                None => false,
+                Some(_) => holds.remove(agent),
+                None => None,
             }
         };
-        if last {
-            self.release(agent).await;
+        if let Some(hold) = last {
+            self.release(agent, &hold).await;
         }
     }
 
     /// Releases every agent the build still holds.
     async fn release_all(&self) {
-        let agents: Vec<String> = self.holds().drain().map(|(agent, _)| agent).collect();
-        for agent in agents {
-            self.release(&agent).await;
+        let holds: Vec<(String, Hold)> = self.holds().drain().collect();
+        for (agent, hold) in holds {
+            self.release(&agent, &hold).await;
         }
     }
 
-    async fn release(&self, agent: &str) {
-        let command = AgentCommand::Release {
-            build_id: self.id().to_owned(),
-        };
-        if let Err(error) = self.command_until_lost(agent, command).await {
-            tracing::warn!(build = %self.id(), %agent, %error, "release not delivered");
+    async fn release(&self, agent: &str, hold: &Hold) {
+        if !hold.released_by_agent && !hold.untaken {
+            let command = AgentCommand::Release {
+                build_id: self.id().to_owned(),
+            };
+            if let Err(error) = self.command_until_lost(agent, command).await {
+                tracing::warn!(build = %self.id(), %agent, %error, "release not delivered");
+            }
         }
         self.engine.directory.release(agent, self.id());
     }
 
-    /// Runs one command step on `agent`, which the build holds.
-    async fn run_command(&self, builder: &BuilderConfig, node: &FlatStep<'_>, agent: &str) -> NodeEnd {
+    /// Runs one command step on `agent`, which the build holds; `last_on_agent`: nothing of
+    /// the build runs on the agent after it.
+    async fn run_command(
+        &self,
+        builder: &BuilderConfig,
+        node: &FlatStep<'_>,
+        agent: &str,
+        last_on_agent: bool,
+    ) -> NodeEnd {
         let index = node.index;
         let attempt = self.attempt();
         let mut toolkits = builder.toolkits.clone();
@@ -1019,6 +1122,18 @@ impl BuildDriver {
                 );
             }
         }
+        let (require_session, release_after, untaken) = {
+            let holds = self.holds();
+            let hold = holds.get(agent);
+            (
+                // The build holds the agent under one run of it; another run has not seen the
+                // build's earlier steps and may be asked to run a step the first one started.
+                hold.map(|hold| hold.session.clone())
+                    .filter(|session| !session.is_empty()),
+                last_on_agent && hold.is_some_and(|hold| hold.count == 1),
+                hold.is_some_and(|hold| hold.untaken),
+            )
+        };
         let assignment = StepAssignment {
             toolkits,
             build_id: self.id().to_owned(),
@@ -1034,18 +1149,37 @@ impl BuildDriver {
                 .filter(|value| !value.is_empty())
                 .cloned()
                 .collect(),
+            require_session,
+            release_after,
         };
         let (result_tx, result_rx) = oneshot::channel();
         let key = (self.id().to_owned(), attempt, index);
         self.engine.step_results.insert(key.clone(), result_tx);
-        match self
-            .command_until_lost(agent, AgentCommand::RunStep(assignment))
-            .await
-        {
+        let command = AgentCommand::RunStep(assignment);
+        // An agent not taken yet is asked once, as a hold would be; one the build depends on
+        // is asked until it is lost.
+        let reply = if untaken {
+            self.command(agent, command).await
+        } else {
+            self.command_until_lost(agent, command).await
+        };
+        match reply {
+            Ok(AgentReply::Busy { build_id: other }) if untaken => {
+                self.engine.step_results.remove(&key);
+                self.engine.directory.mark_busy(agent, self.id(), &other);
+                NodeEnd::AgentTaken(format!("agent {agent} serves build {other}"))
+            }
+            Err(error) if untaken => {
+                self.engine.step_results.remove(&key);
+                self.engine.directory.mark_unreachable(agent);
+                NodeEnd::AgentTaken(format!("agent {agent} did not answer: {error}"))
+            }
             Ok(AgentReply::Accepted { session }) => {
                 self.engine.directory.answered(agent, &session);
                 if let Some(hold) = self.holds().get_mut(agent) {
                     hold.session.clone_from(&session);
+                    hold.untaken = false;
+                    hold.released_by_agent = release_after;
                 }
                 // Nothing in flight while the step runs (see wait_for_agent).
                 self.flush_events().await;
@@ -1064,6 +1198,13 @@ impl BuildDriver {
                 self.engine.step_results.remove(&key);
                 self.engine.directory.mark_busy(agent, self.id(), &other);
                 NodeEnd::AgentLost(format!("agent {agent} now serves build {other}"))
+            }
+            Ok(AgentReply::SessionEnded { session }) => {
+                self.engine.step_results.remove(&key);
+                self.engine.directory.answered(agent, &session);
+                NodeEnd::AgentLost(format!(
+                    "agent {agent} restarted while the build held it (step {index} may have started and died with it)"
+                ))
             }
             Ok(AgentReply::Refused { reason }) => {
                 self.engine.step_results.remove(&key);
@@ -1112,16 +1253,17 @@ impl BuildDriver {
                 }
                 _ = liveness.tick() => {
                     checks += 1;
-                    // Heartbeats can fail to be stored for a moment (a NATS node failing over)
-                    // while the agent is fine: ask the agent itself before giving up on it.
-                    if self.engine.directory.agent_alive(agent, session)
+                    // Heard from while its stored heartbeat is fresh. Heartbeats can fail to be
+                    // stored for a moment (a NATS node failing over) while the agent is fine, so
+                    // once the newest is half the timeout old, ask the agent itself. Lost: not
+                    // heard from either way for the whole agent_timeout.
+                    let half = self.engine.config.engine.agent_timeout / 2;
+                    if self.engine.directory.heartbeat_within(agent, session, half)
                         || self.answers_ping(agent, session).await
                     {
                         last_heard = tokio::time::Instant::now();
                     }
-                    // Silent for agent_timeout (the bucket says so) and no answer to pings for
-                    // a third of that again: lost.
-                    let alive = last_heard.elapsed() < self.engine.config.engine.agent_timeout / 3;
+                    let alive = last_heard.elapsed() < half;
                     // A result the follower missed (a reconnect) is found on the bus; look
                     // now and then, and always before declaring the agent lost.
                     if !alive || checks.is_multiple_of(20) {
@@ -1133,7 +1275,7 @@ impl BuildDriver {
                     if !alive {
                         self.engine.step_results.remove(&key);
                         return NodeEnd::AgentLost(format!(
-                            "agent {agent} was lost while running step {index} (no heartbeat for {}s, no answer to pings)",
+                            "agent {agent} was lost while running step {index} (no heartbeat or answer to pings for {}s)",
                             self.engine.config.engine.agent_timeout.as_secs()
                         ));
                     }
@@ -1308,7 +1450,10 @@ fn subtree(flat: &[FlatStep<'_>], roots: &[u32]) -> Vec<u32> {
 
 /// The end of a parallel group: a lost agent, then a cancel, then the worst result.
 fn combine(ends: Vec<NodeEnd>) -> NodeEnd {
-    if let Some(lost) = ends.iter().find(|end| matches!(end, NodeEnd::AgentLost(_))) {
+    if let Some(lost) = ends
+        .iter()
+        .find(|end| matches!(end, NodeEnd::AgentLost(_) | NodeEnd::AgentTaken(_)))
+    {
         return lost.clone();
     }
     if ends.iter().any(|end| matches!(end, NodeEnd::Cancelled)) {

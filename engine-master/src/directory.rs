@@ -260,13 +260,13 @@ impl Directory {
         }
     }
 
-    /// True if the agent is registered, speaks our protocol and heartbeats in time.
-    pub(crate) fn agent_alive(&self, name: &str, session: &str) -> bool {
+    /// True if the agent's run `session` heartbeated within `window`, as its record says.
+    pub(crate) fn heartbeat_within(&self, name: &str, session: &str, window: Duration) -> bool {
         let at = now();
-        self.lock()
-            .agents
-            .get(name)
-            .is_some_and(|entry| entry.record.session == session && self.is_alive(&entry.record, at))
+        self.lock().agents.get(name).is_some_and(|entry| {
+            entry.record.session == session
+                && at.millis_since(entry.record.heartbeat_at) <= window.as_millis() as u64
+        })
     }
 
     /// Takes a free agent matching `selector` for the build, or queues the build.
@@ -354,9 +354,12 @@ impl Directory {
         state.reindex(name);
     }
 
-    /// When the agent's current process started, as its record says.
-    pub(crate) fn started_at(&self, name: &str) -> Option<Timestamp> {
-        self.lock().agents.get(name).map(|entry| entry.record.started_at)
+    /// The run of the agent process the directory knows now, as its record says.
+    pub(crate) fn session(&self, name: &str) -> Option<String> {
+        self.lock()
+            .agents
+            .get(name)
+            .map(|entry| entry.record.session.clone())
     }
 
     /// True if the agent heartbeated or answered within `window`, whatever its session.

@@ -29,6 +29,12 @@ run = 'echo "$YARD_BUILD_ID prepare" >> {dir}/effects'
 name = "run"
 run = 'echo "$YARD_BUILD_ID run" >> {dir}/effects; sleep 0.1'
 
+[[builder]]
+name = "slow"
+[[builder.steps]]
+name = "run"
+run = 'echo "$YARD_BUILD_ID slow" >> {dir}/effects; sleep 2'
+
 [[scheduler]]
 name = "main"
 kind = "on-change"
@@ -38,7 +44,7 @@ builders = ["work"]
 [[scheduler]]
 name = "force"
 kind = "force"
-builders = ["work"]
+builders = ["work", "slow"]
 "#;
 
 /// Posts `count` changes on main through the given UIs (round robin), retrying answers that
@@ -251,6 +257,41 @@ async fn killing_an_engine_and_a_scheduler_loses_nothing_and_runs_nothing_twice(
     let new_holder = lease_holder(&deployment).await.unwrap();
     assert_ne!(new_holder, holder);
     assert_eq!(master_state(&uis[0], "engine-1").await.as_deref(), Some("dead"));
+}
+
+/// An engine and the agent running its build's step die together. The restarted agent has
+/// forgotten the step, so the engine adopting the build must not simply ask it to run the step
+/// again: the step's second run is a new attempt, recorded as a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_that_died_with_its_engine_and_agent_runs_again_only_as_a_retry() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    deployment.master("scheduler", "sched-1");
+    deployment.master("engine", "engine-1");
+    let ui = deployment.ui("ui-1");
+    deployment.agent("a1", "os=linux");
+    ui.wait_healthy().await;
+    ui.wait_agents(1).await;
+    let id = ui.force("slow", json!({})).await;
+    let step = (id.clone(), "slow".to_owned());
+    wait_until("the step's process to run", Duration::from_secs(60), || async {
+        executions(&deployment).contains_key(&step).then_some(())
+    })
+    .await;
+    deployment.kill("engine-1");
+    deployment.kill("a1");
+    deployment.agent("a1", "os=linux");
+    ui.wait_agents(1).await;
+    deployment.master("engine", "engine-2");
+
+    let build = ui.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(build["result"], "success", "{build}\n{}", deployment.logs());
+    assert_eq!(build["claimed_by"], json!(["engine-1", "engine-2"]), "{build}");
+    let retries = build["retries"].as_array().unwrap();
+    assert_eq!(retries.len(), 1, "the second run is a recorded retry: {build}");
+    let reason = retries[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("agent a1 restarted"), "{build}");
+    assert_eq!(executions(&deployment).get(&step), Some(&2), "{build}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

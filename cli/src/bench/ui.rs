@@ -119,11 +119,13 @@ async fn seed_builds(bus: &Bus, count: usize) -> anyhow::Result<u64> {
                     path: "true".into(),
                     kind: "command".into(),
                 }],
+                agent: Some("bench-agent".into()),
             },
             BuildEventKind::StepStarted {
                 index: 0,
                 attempt: 0,
                 agent: "bench-agent".into(),
+                agent_session: None,
             },
             BuildEventKind::StepFinished {
                 index: 0,
