@@ -12,7 +12,7 @@ mod registry;
 mod step;
 mod toolkits;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -99,10 +99,35 @@ struct Occupancy {
     build_id: Option<String>,
     /// Running steps by (build id, attempt, step index).
     running: HashMap<(String, u32, u32), CancellationToken>,
-    /// The steps (build id, attempt, index) this run of the agent finished last, newest at the
-    /// back, so that a repeated command (an engine adopting the build) does not run a step
-    /// twice, even after the agent let go of its build.
-    finished: VecDeque<(String, u32, u32)>,
+    /// The steps this run of the agent finished last, so that a repeated command (an engine
+    /// adopting the build) does not run a step twice, even after the agent let go of its build.
+    finished: FinishedSteps,
+}
+
+/// Step keys (build id, attempt, index), the last [`FINISHED_REMEMBERED`] of them.
+#[derive(Default)]
+struct FinishedSteps {
+    keys: HashSet<(String, u32, u32)>,
+    oldest_first: VecDeque<(String, u32, u32)>,
+}
+
+impl FinishedSteps {
+    fn contains(&self, key: &(String, u32, u32)) -> bool {
+        self.keys.contains(key)
+    }
+
+    fn remember(&mut self, key: (String, u32, u32)) {
+        if self.keys.contains(&key) {
+            return;
+        }
+        if self.oldest_first.len() == FINISHED_REMEMBERED {
+            if let Some(oldest) = self.oldest_first.pop_front() {
+                self.keys.remove(&oldest);
+            }
+        }
+        self.keys.insert(key.clone());
+        self.oldest_first.push_back(key);
+    }
 }
 
 /// How many finished steps an agent remembers: an adopting engine asks again only about the
@@ -268,10 +293,7 @@ impl Agent {
                     let released = {
                         let mut occupancy = agent.lock();
                         occupancy.running.remove(&key);
-                        if occupancy.finished.len() == FINISHED_REMEMBERED {
-                            occupancy.finished.pop_front();
-                        }
-                        occupancy.finished.push_back(key.clone());
+                        occupancy.finished.remember(key.clone());
                         let idle = !occupancy.running.keys().any(|(build, _, _)| *build == key.0);
                         release_after
                             && idle
@@ -440,4 +462,29 @@ pub async fn run_on(
     registry::deregister(&agent).await;
     tracing::info!(agent = %agent.settings.name, "agent stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FinishedSteps, FINISHED_REMEMBERED};
+
+    #[test]
+    fn finished_steps_forget_the_oldest_beyond_the_limit() {
+        let mut finished = FinishedSteps::default();
+        let key = |number: usize| (format!("build-{number}"), 0, 1);
+        for number in 0..=FINISHED_REMEMBERED {
+            finished.remember(key(number));
+        }
+        // Remembering a key again changes nothing.
+        finished.remember(key(FINISHED_REMEMBERED));
+        assert!(!finished.contains(&key(0)));
+        assert!(finished.contains(&key(1)));
+        assert!(finished.contains(&key(FINISHED_REMEMBERED)));
+        assert!(
+            !finished.contains(&("build-1".into(), 1, 1)),
+            "another attempt is another step"
+        );
+        assert_eq!(finished.keys.len(), FINISHED_REMEMBERED);
+        assert_eq!(finished.oldest_first.len(), FINISHED_REMEMBERED);
+    }
 }

@@ -262,8 +262,8 @@ enum NodeEnd {
     Cancelled,
     /// An agent holding the build's work was lost; the build may start over.
     AgentLost(String),
-    /// The agent picked for the build's first step was not there to take it (another engine's
-    /// build got it first, or it did not answer); nothing ran, and another agent is picked.
+    /// The agent picked for the build's first step was taken by another build first; nothing
+    /// ran, and another agent is picked.
     AgentTaken(String),
 }
 
@@ -548,6 +548,7 @@ impl BuildDriver {
                 let step = &flat[*first as usize].step;
                 step.kind() == StepKind::Command && step.agents.is_none()
             });
+        let mut wait_observed = false;
         let (master, end) = loop {
             let Some(master) = self
                 .hold_agent(builder, selector, None, taken_by_first_step)
@@ -556,6 +557,13 @@ impl BuildDriver {
                 self.skip(all_steps(flat)).await;
                 return AttemptEnd::Done(self.cancelled_ending());
             };
+            if !wait_observed {
+                wait_observed = true;
+                let waited = now().millis_since(self.request.requested_at);
+                services::metrics::EngineMetrics::get()
+                    .build_wait_seconds
+                    .observe(waited as f64 / 1000.0);
+            }
             self.publish(BuildEventKind::MasterAgent {
                 agent: master.clone(),
             })
@@ -568,10 +576,6 @@ impl BuildDriver {
                 end => break (master, end),
             }
         };
-        let waited = now().millis_since(self.request.requested_at);
-        services::metrics::EngineMetrics::get()
-            .build_wait_seconds
-            .observe(waited as f64 / 1000.0);
         self.release_hold(&master).await;
         match end {
             NodeEnd::Done(outcome) if outcome.result == StepResult::Success => {
@@ -1071,7 +1075,7 @@ impl BuildDriver {
     }
 
     async fn release(&self, agent: &str, hold: &Hold) {
-        if !hold.released_by_agent && !hold.untaken {
+        if !hold.released_by_agent {
             let command = AgentCommand::Release {
                 build_id: self.id().to_owned(),
             };
@@ -1155,24 +1159,16 @@ impl BuildDriver {
         let (result_tx, result_rx) = oneshot::channel();
         let key = (self.id().to_owned(), attempt, index);
         self.engine.step_results.insert(key.clone(), result_tx);
-        let command = AgentCommand::RunStep(assignment);
-        // An agent not taken yet is asked once, as a hold would be; one the build depends on
-        // is asked until it is lost.
-        let reply = if untaken {
-            self.command(agent, command).await
-        } else {
-            self.command_until_lost(agent, command).await
-        };
-        match reply {
+        // Asked until it answers or is lost, even when the step takes the agent: a reply lost
+        // on the way may hide a step that started, which must not start elsewhere as well.
+        match self
+            .command_until_lost(agent, AgentCommand::RunStep(assignment))
+            .await
+        {
             Ok(AgentReply::Busy { build_id: other }) if untaken => {
                 self.engine.step_results.remove(&key);
                 self.engine.directory.mark_busy(agent, self.id(), &other);
                 NodeEnd::AgentTaken(format!("agent {agent} serves build {other}"))
-            }
-            Err(error) if untaken => {
-                self.engine.step_results.remove(&key);
-                self.engine.directory.mark_unreachable(agent);
-                NodeEnd::AgentTaken(format!("agent {agent} did not answer: {error}"))
             }
             Ok(AgentReply::Accepted { session }) => {
                 self.engine.directory.answered(agent, &session);

@@ -44,37 +44,29 @@ async fn read<T: DeserializeOwned + Default>(store: &kv::Store, key: &str) -> Re
 /// Writes a value if the key is still at `revision`; false if someone changed it first.
 async fn write<T: Serialize>(store: &kv::Store, key: &str, value: &T, revision: u64) -> Result<bool, String> {
     let payload = bus_schema::encode(value).into();
-    let result = if revision == 0 {
-        store.create(key, payload).await.map(|_| ()).map_err(|error| {
-            // Someone wrote it first. The client can report that as a failed publish ("wrong
-            // last sequence") rather than by its kind, here and in `update` below.
-            if error.kind() == kv::CreateErrorKind::AlreadyExists
-                || error.to_string().contains("wrong last sequence")
-            {
-                None
-            } else {
-                Some(error.to_string())
-            }
-        })
+    let failure = if revision == 0 {
+        match store.create(key, payload).await {
+            Ok(_) => None,
+            Err(error) => Some((
+                error.kind() == kv::CreateErrorKind::AlreadyExists,
+                error.to_string(),
+            )),
+        }
     } else {
-        store
-            .update(key, payload, revision)
-            .await
-            .map(|_| ())
-            .map_err(|error| {
-                if error.kind() == kv::UpdateErrorKind::WrongLastRevision
-                    || error.to_string().contains("wrong last sequence")
-                {
-                    None
-                } else {
-                    Some(error.to_string())
-                }
-            })
+        match store.update(key, payload, revision).await {
+            Ok(_) => None,
+            Err(error) => Some((
+                error.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                error.to_string(),
+            )),
+        }
     };
-    match result {
-        Ok(()) => Ok(true),
-        Err(None) => Ok(false),
-        Err(Some(error)) => Err(error),
+    match failure {
+        None => Ok(true),
+        // Someone wrote it first. The client can report that as a failed publish ("wrong last
+        // sequence", after a failover) rather than by its kind.
+        Some((conflict, text)) if conflict || text.contains("wrong last sequence") => Ok(false),
+        Some((_, text)) => Err(text),
     }
 }
 
@@ -278,22 +270,39 @@ pub(crate) async fn release(
     Ok(released.is_some())
 }
 
-/// Every server key of the bucket.
-async fn server_keys(engine: &Engine) -> Result<Vec<String>, String> {
-    use futures::TryStreamExt;
-    let keys: Vec<String> = engine
-        .bus
+/// The key of every server a build may hold: the servers of the configured pools, of the pool
+/// definitions in the bucket, and every server key in it, as this engine's mirror of the bucket
+/// has them. Read from the mirror, not listed from the bucket: each listing is a consumer on
+/// the server, and a busy grid listing on every refresh runs into the server's limit on them.
+fn server_keys(engine: &Engine) -> Vec<String> {
+    let mut keys: std::collections::BTreeSet<String> = engine
+        .config
         .pools
-        .keys()
-        .await
-        .map_err(|error| error.to_string())?
-        .try_collect()
-        .await
-        .map_err(|error| error.to_string())?;
-    Ok(keys
-        .into_iter()
-        .filter(|key| key.starts_with("server."))
-        .collect())
+        .iter()
+        .flat_map(|pool| {
+            pool.servers
+                .iter()
+                .map(|server| subjects::pool_server_key(server))
+        })
+        .collect();
+    let entries = engine
+        .pool_entries
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for (key, value) in entries.iter() {
+        if key.starts_with("server.") {
+            keys.insert(key.clone());
+        } else if key.starts_with("pool.") {
+            if let Ok(pool) = bus_schema::decode::<PoolRecord>(value) {
+                keys.extend(
+                    pool.servers
+                        .iter()
+                        .map(|server| subjects::pool_server_key(server)),
+                );
+            }
+        }
+    }
+    keys.into_iter().collect()
 }
 
 /// Releases every server the build holds (its end, whatever the result), or with
@@ -304,7 +313,7 @@ pub(crate) async fn release_or_refresh_all(
     refresh_only: bool,
 ) -> Result<Vec<String>, String> {
     let mut touched = Vec::new();
-    for key in server_keys(engine).await? {
+    for key in server_keys(engine) {
         let changed = update::<ServerHolds, ()>(&engine.bus.pools, &key, |holds| {
             let at = now();
             let mut changed = false;

@@ -38,6 +38,12 @@ pub fn render() -> String {
     out
 }
 
+/// The value of the unlabelled sample `name` in a `/metrics` text, if it is there.
+pub fn sample(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
@@ -218,4 +224,19 @@ pub fn spawn_rtt_probe(bus: Bus, role: &str, stop: CancellationToken) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample;
+
+    #[test]
+    fn a_sample_is_read_by_its_exact_name_without_labels() {
+        let text = "yard_a 3\nyard_ab 4\nyard_c{role=\"ui\"} 5\nyard_d not-a-number\n";
+        assert_eq!(sample(text, "yard_a"), Some(3));
+        assert_eq!(sample(text, "yard_ab"), Some(4));
+        assert_eq!(sample(text, "yard_c"), None);
+        assert_eq!(sample(text, "yard_d"), None);
+        assert_eq!(sample(text, "yard_e"), None);
+    }
 }

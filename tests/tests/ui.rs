@@ -92,12 +92,6 @@ async fn the_page_the_live_stream_and_the_metrics() {
     cluster.stop().await;
 }
 
-/// A figure from a `/metrics` text, by its exact metric name (no labels).
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_ui_master_restarts_from_a_snapshot_and_replays_only_the_rest() {
     let config = format!("[http]\nsnapshot_interval = \"200ms\"\n{CONFIG}");
@@ -120,8 +114,8 @@ async fn a_ui_master_restarts_from_a_snapshot_and_replays_only_the_rest() {
         Duration::from_secs(30),
         || async {
             let (_, text) = first.get_text("/metrics").await;
-            let applied = metric(&text, "yard_ui_view_events_sequence")?;
-            let written = metric(&text, "yard_ui_view_snapshot_sequence")?;
+            let applied = services::metrics::sample(&text, "yard_ui_view_events_sequence")?;
+            let written = services::metrics::sample(&text, "yard_ui_view_snapshot_sequence")?;
             (applied > 0 && written == applied).then_some(())
         },
     )
@@ -147,9 +141,12 @@ async fn a_ui_master_restarts_from_a_snapshot_and_replays_only_the_rest() {
     )
     .await;
     let (_, text) = third.get_text("/metrics").await;
-    let restored = metric(&text, "yard_ui_view_restored_builds").expect("restored builds metric");
-    let replayed = metric(&text, "yard_ui_view_replayed_events_total").expect("replayed events metric");
-    let total = metric(&text, "yard_ui_view_events_sequence").expect("events sequence metric");
+    let restored =
+        services::metrics::sample(&text, "yard_ui_view_restored_builds").expect("restored builds metric");
+    let replayed = services::metrics::sample(&text, "yard_ui_view_replayed_events_total")
+        .expect("replayed events metric");
+    let total =
+        services::metrics::sample(&text, "yard_ui_view_events_sequence").expect("events sequence metric");
     assert!(restored >= 20, "ui-3 started from a snapshot:\n{text}");
     assert!(
         replayed < total,

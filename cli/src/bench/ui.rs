@@ -204,14 +204,16 @@ impl UiMaster {
 
     async fn wait_applied(&self, sequence: u64, limit: Duration) -> anyhow::Result<f64> {
         self.metric_when(limit, |text| {
-            metric(text, "yard_ui_view_events_sequence").is_some_and(|applied| applied >= sequence)
+            services::metrics::sample(text, "yard_ui_view_events_sequence")
+                .is_some_and(|applied| applied >= sequence)
         })
         .await
     }
 
     async fn wait_snapshot(&self, sequence: u64, limit: Duration) -> anyhow::Result<f64> {
         self.metric_when(limit, |text| {
-            metric(text, "yard_ui_view_snapshot_sequence").is_some_and(|written| written >= sequence)
+            services::metrics::sample(text, "yard_ui_view_snapshot_sequence")
+                .is_some_and(|written| written >= sequence)
         })
         .await
     }
@@ -330,10 +332,4 @@ impl UiMaster {
         self.shutdown.cancel();
         let _ = self.task.await;
     }
-}
-
-/// A figure from a `/metrics` text, by its exact metric name (no labels).
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
