@@ -337,11 +337,18 @@ impl BuildDriver {
     /// Publishes an event without waiting for it to be stored; [`Self::flush_events`] makes
     /// sure it was.
     async fn publish(&self, kind: BuildEventKind) {
+        let kind = self.claim_first(kind).await;
+        self.publish_now(kind).await;
+    }
+
+    /// Publishes the unannounced claim ahead of `kind`, or folds it into `kind`; returns what
+    /// is left to publish.
+    async fn claim_first(&self, kind: BuildEventKind) -> BuildEventKind {
         let (claim, kind) = self.with_claim(kind);
         if let Some(claim) = claim {
             self.publish_now(claim).await;
         }
-        self.publish_now(kind).await;
+        kind
     }
 
     async fn publish_now(&self, kind: BuildEventKind) {
@@ -377,10 +384,7 @@ impl BuildDriver {
 
     /// Stores an event, retrying with backoff while the bus refuses it; false if it gave up.
     async fn store_with_retries(&self, kind: BuildEventKind) -> bool {
-        let (claim, kind) = self.with_claim(kind);
-        if let Some(claim) = claim {
-            self.publish_now(claim).await;
-        }
+        let kind = self.claim_first(kind).await;
         self.store_retrying(kind).await
     }
 
