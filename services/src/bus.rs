@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{EngineConfig, NatsConfig};
 use crate::metrics::{dead_letters, RoleLabel};
+use crate::read_back::{self, StoredMessage};
 use crate::time::now;
 
 /// Why a bus operation failed.
@@ -449,42 +450,11 @@ impl Bus {
 
     /// Reads every message stored under `filter` in `stream_name`, oldest first. For bounded
     /// reads such as one build's events or one step's log; live views use ordered consumers.
-    pub async fn read_all(&self, stream_name: &str, filter: &str) -> Result<Vec<jetstream::Message>, Error> {
-        let stream = self.stream(stream_name).await?;
-        let consumer = stream
-            .create_consumer(consumer::pull::Config {
-                filter_subject: filter.to_owned(),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                memory_storage: true,
-                num_replicas: 1,
-                ..Default::default()
-            })
+    /// Creates no consumer (see `read_back`).
+    pub async fn read_all(&self, stream_name: &str, filter: &str) -> Result<Vec<StoredMessage>, Error> {
+        read_back::read_all(&self.client, &self.jetstream, stream_name, filter)
             .await
-            .map_err(|e| Error::nats(format!("reading {filter}"), e))?;
-        let pending = consumer.cached_info().num_pending as usize;
-        let mut messages = Vec::with_capacity(pending);
-        while messages.len() < pending {
-            let mut batch = consumer
-                .fetch()
-                .max_messages((pending - messages.len()).min(10_000))
-                .expires(Duration::from_secs(2))
-                .messages()
-                .await
-                .map_err(|e| Error::nats(format!("reading {filter}"), e))?;
-            let before = messages.len();
-            while let Some(message) = futures::StreamExt::next(&mut batch).await {
-                messages.push(message.map_err(|e| Error::nats(format!("reading {filter}"), e))?);
-            }
-            if messages.len() == before {
-                // The messages were removed meanwhile (age limit); return what there is.
-                break;
-            }
-        }
-        let consumer_name = consumer.cached_info().name.clone();
-        let _ = stream.delete_consumer(&consumer_name).await;
-        Ok(messages)
+            .map_err(|e| Error::nats(format!("reading {filter}"), e))
     }
 
     /// Closes the connection after flushing what was published.
@@ -651,6 +621,8 @@ async fn provision_streams(
             subjects: vec![subjects::EVENTS_ALL.into()],
             duplicate_window: dedup_window,
             num_replicas: replicas,
+            // One build's events are read back with direct gets.
+            allow_direct: true,
             ..Default::default()
         },
         stream::Config {
@@ -659,6 +631,8 @@ async fn provision_streams(
             subjects: vec![subjects::LOGS_ALL.into()],
             max_age: Duration::from_secs(30 * 24 * 3600),
             num_replicas: replicas,
+            // One step's log is read back with direct gets.
+            allow_direct: true,
             ..Default::default()
         },
         stream::Config {
@@ -675,10 +649,21 @@ async fn provision_streams(
     ];
     for config in streams {
         let name = config.name.clone();
-        jetstream
+        let allow_direct = config.allow_direct;
+        let existing = jetstream
             .get_or_create_stream(config)
             .await
             .map_err(|e| Error::nats(format!("creating stream {name}"), e))?;
+        if allow_direct && !existing.cached_info().config.allow_direct {
+            // Created by an older Yardmaster, before reads used direct gets. Masters may not
+            // update streams under generated permissions: the admin user's first start does.
+            let mut updated = existing.cached_info().config.clone();
+            updated.allow_direct = true;
+            jetstream
+                .update_stream(updated)
+                .await
+                .map_err(|e| Error::nats(format!("allowing direct gets on stream {name}"), e))?;
+        }
     }
     let requests = jetstream
         .get_stream(subjects::REQUESTS_STREAM)

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod nats_server;
 pub mod permissions;
 pub mod presence;
+pub mod read_back;
 pub mod selector;
 pub mod shutdown;
 pub mod telemetry;

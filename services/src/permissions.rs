@@ -189,6 +189,13 @@ impl Grants {
             .publish(format!("$JS.FC.{stream}.>"))
     }
 
+    /// Reading back what `stream` holds under one filter without a consumer: the leader's
+    /// newest message, then batch direct gets (see `read_back`).
+    fn read_messages(&mut self, stream: &str) -> &mut Self {
+        self.api(format_args!("STREAM.MSG.GET.{stream}"))
+            .api(format_args!("DIRECT.GET.{stream}"))
+    }
+
     /// Watching a KV bucket.
     fn watch_bucket(&mut self, bucket: &str) -> &mut Self {
         self.read_stream(&subjects::kv_stream(bucket))
@@ -247,6 +254,7 @@ fn master(user: &str) -> Grants {
     for stream in subjects::STREAMS {
         grants.create_stream(stream);
     }
+
     for bucket in subjects::KV_BUCKETS {
         grants.create_stream(&subjects::kv_stream(bucket));
     }
@@ -295,6 +303,7 @@ pub fn permissions(role: &Role) -> Option<Permissions> {
                 .publish(subjects::EVENTS_ALL)
                 .publish(subjects::LOGS_ALL)
                 .read_stream(EVENTS_STREAM)
+                .read_messages(EVENTS_STREAM)
                 // Agents' work subjects, and other engines' questions about driven builds.
                 .publish(subjects::AGENT_COMMANDS_ALL)
                 .publish(subjects::ENGINE_DRIVES_ALL)
@@ -327,6 +336,7 @@ pub fn permissions(role: &Role) -> Option<Permissions> {
                 .read_stream(EVENTS_STREAM)
                 .read_stream(CHANGES_STREAM)
                 .read_stream(LOGS_STREAM)
+                .read_messages(LOGS_STREAM)
                 .watch_bucket(AGENTS_BUCKET)
                 .watch_bucket(WAITS_BUCKET)
                 .watch_bucket(POOLS_BUCKET)

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::{json, Value};
 use yard_tests::api::Api;
 use yard_tests::cluster::{AgentSpec, Cluster};
@@ -548,5 +549,85 @@ fn bad_configuration_exits_with_the_file_key_and_problem() {
     assert!(
         log.contains("broken.toml") && log.contains("builder[0].agents") && log.contains("column 4"),
         "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reading_back_a_builds_events_creates_no_consumer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start_nats(dir.path());
+    let nats = services::config::NatsConfig {
+        url: server.url().to_owned(),
+        ..Default::default()
+    };
+    let bus = services::Bus::connect(&nats, &Default::default(), "test")
+        .await
+        .expect("connects and provisions");
+    // Every consumer-creating call on the bus, seen as the server sees it.
+    let mut consumer_calls = bus
+        .client
+        .subscribe("$JS.API.CONSUMER.CREATE.>")
+        .await
+        .expect("subscribes");
+
+    // More events than one direct-get batch holds, interleaved with another build's.
+    let (wanted, other) = ("b-wanted", "b-other");
+    let mut acks = Vec::new();
+    for index in 0..2_500u32 {
+        for (build, kind) in [(wanted, "step_log"), (other, "step_log")] {
+            let payload = format!("{build} {index}");
+            acks.push(
+                bus.jetstream
+                    .publish(bus_schema::subjects::event(build, kind), payload.into())
+                    .await
+                    .expect("published"),
+            );
+        }
+        if acks.len() >= 200 {
+            for ack in acks.drain(..) {
+                ack.await.expect("stored");
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+
+    let mut readers = Vec::new();
+    for _ in 0..50 {
+        let bus = bus.clone();
+        readers.push(tokio::spawn(async move {
+            bus.read_all(
+                bus_schema::subjects::EVENTS_STREAM,
+                &bus_schema::subjects::events_of_build(wanted),
+            )
+            .await
+            .expect("read back")
+        }));
+    }
+    for reader in readers {
+        let messages = reader.await.expect("reader ran");
+        let payloads: Vec<String> = messages
+            .iter()
+            .map(|message| String::from_utf8_lossy(&message.payload).into_owned())
+            .collect();
+        let expected: Vec<String> = (0..2_500).map(|index| format!("{wanted} {index}")).collect();
+        assert_eq!(payloads, expected);
+    }
+    let missing = bus
+        .read_all(
+            bus_schema::subjects::EVENTS_STREAM,
+            &bus_schema::subjects::events_of_build("b-none"),
+        )
+        .await
+        .expect("an empty read is no error");
+    assert!(missing.is_empty());
+
+    bus.client.flush().await.expect("flushed");
+    let created = tokio::time::timeout(Duration::from_millis(200), consumer_calls.next()).await;
+    assert!(
+        created.is_err(),
+        "a read created a consumer: {:?}",
+        created.ok().flatten().map(|m| m.subject)
     );
 }
