@@ -143,6 +143,11 @@ pub(crate) async fn acquire(
     scope: PoolScope,
     cancel: &CancellationToken,
 ) -> Result<Option<String>, String> {
+    if let Some(server) = held_by_step(engine, build_id, step, role).await? {
+        // Taken by an earlier run of this step (its engine died before recording it, or the
+        // build is on its next attempt): the step has its server, not a second one.
+        return Ok(Some(server));
+    }
     let store = &engine.bus.pools;
     let queue_key = subjects::pool_queue_key(role);
     let since = now();
@@ -195,6 +200,37 @@ pub(crate) async fn acquire(
     })
     .await?;
     Ok(acquired)
+}
+
+/// The server of `role` the build's `step` holds already, if any.
+async fn held_by_step(
+    engine: &Engine,
+    build_id: &str,
+    step: &str,
+    role: &str,
+) -> Result<Option<String>, String> {
+    for server in servers(engine, role).await? {
+        // Refreshed by compare-and-swap: a hold gone stale may be taken by another build at
+        // the same moment, and only one of the two writes sticks.
+        let kept =
+            update::<ServerHolds, ()>(&engine.bus.pools, &subjects::pool_server_key(&server), |holds| {
+                let at = now();
+                let holder = match holds.roles.get_mut(role) {
+                    Some(holder) if holder.build_id == build_id && holder.step == step => holder,
+                    _ => holds
+                        .global
+                        .as_mut()
+                        .filter(|holder| holder.build_id == build_id && holder.step == step)?,
+                };
+                holder.refreshed_at = at;
+                Some(())
+            })
+            .await?;
+        if kept.is_some() {
+            return Ok(Some(server));
+        }
+    }
+    Ok(None)
 }
 
 /// Takes the first server of the role that is free in this scope, if any.

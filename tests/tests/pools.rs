@@ -388,3 +388,40 @@ builders = ["p", "q"]
     wait_all_free(api, "single").await;
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_build_keeps_the_server_its_first_attempt_took() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    deployment.master("scheduler", "sched-1");
+    deployment.master("engine", "engine-1");
+    let api = deployment.ui("ui-1");
+    deployment.agent("a1", "os=linux");
+    deployment.agent("a2", "os=linux");
+    api.wait_healthy().await;
+    api.wait_agents(2).await;
+    let dir = deployment.path("gates");
+    std::fs::create_dir_all(&dir).unwrap();
+    // `red` has one server: a second acquisition by the same step would wait for itself.
+    let build = api
+        .force("red-role", json!({ "DIR": dir.to_str().unwrap() }))
+        .await;
+    let running = api
+        .wait_build(&build, DEADLINE, |b| b["steps"][1]["state"] == "running")
+        .await;
+    let agent = running["steps"][1]["agent"].as_str().unwrap().to_owned();
+    assert_eq!(holders(&api, "red").await["shared"], vec![build.clone()]);
+    deployment.kill(&agent);
+    // The agent is lost; the next attempt takes the step's server again, not a second one.
+    let retried = api
+        .wait_build(&build, DEADLINE, |b| {
+            b["retries"].as_array().is_some_and(|r| r.len() == 1) && b["steps"][1]["state"] == "running"
+        })
+        .await;
+    assert_ne!(retried["steps"][1]["agent"], agent.as_str(), "{retried}");
+    assert_eq!(holders(&api, "red").await["shared"], vec![build.clone()]);
+    std::fs::write(dir.join(&build), "").unwrap();
+    let done = api.wait_finished(&build, DEADLINE).await;
+    assert_eq!(done["result"], "success", "{done}");
+    wait_all_free(&api, "red").await;
+}
