@@ -67,31 +67,7 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
     let build_id = assignment.build_id.clone();
     let index = assignment.index;
     let attempt = assignment.attempt;
-    // Stored before the process starts: a step whose start is not on the bus never ran, and
-    // one whose start is names this run of the agent, so an engine adopting the build knows
-    // whether the agent it asks again is the one that ran it.
-    let started = BuildEventKind::StepStarted {
-        index,
-        attempt,
-        agent: agent.settings.name.clone(),
-        agent_session: Some(agent.session.clone()),
-    };
-    if !store_until_stored(agent, &build_id, index, started).await {
-        let outcome = Outcome {
-            result: StepResult::Exception,
-            exit_code: None,
-            message: Some(format!(
-                "agent {} could not record the step's start, so it did not run it",
-                agent.settings.name
-            )),
-        };
-        return StepEnd {
-            build_id,
-            attempt,
-            index,
-            outcome,
-        };
-    }
+    // The engine stored the step's start, naming this run of the agent, before asking.
     let masker = Arc::new(Masker::new(&assignment.masked));
     let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);
     let logger = tokio::spawn(publish_logs(

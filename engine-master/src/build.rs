@@ -366,20 +366,23 @@ impl BuildDriver {
     }
 
     /// Waits until every published event is stored, publishing again those that were not. The
-    /// fold is order-tolerant, so an event stored late still lands right.
-    async fn flush_events(&self) {
+    /// fold is order-tolerant, so an event stored late still lands right. False if one could
+    /// not be stored at all.
+    async fn flush_events(&self) -> bool {
         let pending = std::mem::take(
             &mut *self
                 .pending_acks
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
         );
+        let mut all_stored = true;
         for (kind, ack) in pending {
             if let Err(error) = ack.into_future().await {
                 tracing::warn!(build = %self.id(), %error, "event not stored; storing it again");
-                self.store_retrying(kind).await;
+                all_stored &= self.store_retrying(kind).await;
             }
         }
+        all_stored
     }
 
     /// Stores an event, retrying with backoff while the bus refuses it; false if it gave up.
@@ -936,9 +939,12 @@ impl BuildDriver {
                 return Some(name);
             }
             if by_first_step {
+                // The run of the agent the directory knows: the step's start names it, and the
+                // agent refuses the step if it has restarted since.
+                let session = self.engine.directory.session(&name).unwrap_or_default();
                 let hold = Hold {
                     untaken: true,
-                    ..Hold::taken(String::new())
+                    ..Hold::taken(session)
                 };
                 self.holds().insert(name.clone(), hold);
                 return Some(name);
@@ -1160,6 +1166,27 @@ impl BuildDriver {
             require_session,
             release_after,
         };
+        // Stored before the agent is asked: a step whose start is not on the bus never ran, and
+        // the start names the run of the agent asked to run it, so an engine adopting the build
+        // knows whether the agent it asks again is the one that may have run it.
+        self.publish(BuildEventKind::StepStarted {
+            index,
+            attempt,
+            agent: agent.to_owned(),
+            agent_session: assignment.require_session.clone(),
+        })
+        .await;
+        if !self.flush_events().await {
+            return self
+                .engine_ended_step(
+                    index,
+                    format!(
+                        "engine {} could not record the step's start, so it did not run",
+                        self.engine.id
+                    ),
+                )
+                .await;
+        }
         let (result_tx, result_rx) = oneshot::channel();
         let key = (self.id().to_owned(), attempt, index);
         self.engine.step_results.insert(key.clone(), result_tx);
@@ -1174,6 +1201,13 @@ impl BuildDriver {
                 self.engine.directory.mark_busy(agent, self.id(), &other);
                 NodeEnd::AgentTaken(format!("agent {agent} serves build {other}"))
             }
+            Ok(AgentReply::SessionEnded { session }) if untaken => {
+                // Restarted since the directory last heard of it: nothing of the build ran
+                // there, so it is passed over like a taken agent.
+                self.engine.step_results.remove(&key);
+                self.engine.directory.answered(agent, &session);
+                NodeEnd::AgentTaken(format!("agent {agent} restarted before the step reached it"))
+            }
             Ok(AgentReply::Accepted { session }) => {
                 self.engine.directory.answered(agent, &session);
                 if let Some(hold) = self.holds().get_mut(agent) {
@@ -1181,17 +1215,19 @@ impl BuildDriver {
                     hold.untaken = false;
                     hold.released_by_agent = release_after;
                 }
-                // Nothing in flight while the step runs (see wait_for_agent).
-                self.flush_events().await;
                 self.await_step(agent, &session, index, result_rx).await
             }
             Ok(AgentReply::AlreadyFinished { .. }) => {
                 self.engine.step_results.remove(&key);
                 match self.recorded_outcome(index).await {
                     Some(outcome) => NodeEnd::Done(outcome),
-                    None => NodeEnd::Done(exception(format!(
-                        "agent {agent} ran the step but its result is missing"
-                    ))),
+                    None => {
+                        self.engine_ended_step(
+                            index,
+                            format!("agent {agent} ran the step but its result is missing"),
+                        )
+                        .await
+                    }
                 }
             }
             Ok(AgentReply::Busy { build_id: other }) => {
@@ -1210,7 +1246,8 @@ impl BuildDriver {
                 self.engine.step_results.remove(&key);
                 // The reason is the agent's text: it must not carry a secret into the events.
                 let reason = crate::secrets::redact(&reason, &secrets);
-                NodeEnd::Done(exception(format!("agent {agent} refused the step: {reason}")))
+                self.engine_ended_step(index, format!("agent {agent} refused the step: {reason}"))
+                    .await
             }
             Err(error) => {
                 self.engine.step_results.remove(&key);
@@ -1218,6 +1255,20 @@ impl BuildDriver {
                 NodeEnd::AgentLost(format!("agent {agent} is unreachable: {error}"))
             }
         }
+    }
+
+    /// Records the end of a step that no agent will report (its start is on the bus): an
+    /// exception saying why.
+    async fn engine_ended_step(&self, index: u32, message: String) -> NodeEnd {
+        self.publish(BuildEventKind::StepFinished {
+            index,
+            attempt: self.attempt(),
+            result: StepResult::Exception,
+            exit_code: None,
+            message: Some(message.clone()),
+        })
+        .await;
+        NodeEnd::Done(exception(message))
     }
 
     /// Waits for the step's result; cancels it when the build is cancelled; declares the agent

@@ -3,8 +3,8 @@
 //! as a scheduler stores them, and the builds' events are watched on the bus.
 //!
 //! - `throughput`: N builds requested at once on K agents, timed to their `finished` events.
-//! - `latency`: request stored to step started, one build at a time on idle agents, or at a
-//!   steady rate (`--rate`) to see it under load.
+//! - `latency`: request stored to step started on its agent, one build at a time on idle
+//!   agents, or at a steady rate (`--rate`) to see it under load.
 //! - `agents`: K agents registered and heartbeating against an engine master process: its CPU
 //!   while idle, its memory per agent, and the dispatch latency among them.
 //! - `backlog`: N requests stored while every master is down (killed), then the masters
@@ -196,6 +196,13 @@ impl Grid {
     }
 
     /// Every build event of `kind` from now on.
+    /// When simulated agents start steps. The engine stores a step's start before it asks the
+    /// agent, so that event comes too early; a simulated step ends the moment it starts, and
+    /// its end, stored by the agent, is the start plus that one write.
+    async fn step_starts(&self) -> anyhow::Result<async_nats::Subscriber> {
+        self.events("step_finished").await
+    }
+
     async fn events(&self, kind: &str) -> anyhow::Result<async_nats::Subscriber> {
         self.bus
             .client
@@ -331,7 +338,7 @@ pub async fn latency(options: GridOptions) -> anyhow::Result<serde_json::Value> 
 /// Milliseconds from storing each build's request to its step starting, one build at a time
 /// (each finishes before the next is requested).
 async fn dispatch_one_at_a_time(grid: &Grid, builds: usize) -> anyhow::Result<Vec<f64>> {
-    let mut started_steps = grid.events("step_started").await?;
+    let mut started_steps = grid.step_starts().await?;
     let mut finished = grid.events("finished").await?;
     let mut latencies = Vec::with_capacity(builds);
     for number in 0..builds {
@@ -370,7 +377,7 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
     if !(rate > 0.0 && rate.is_finite()) {
         bail!("--rate must be a positive number of builds per second");
     }
-    let mut started_steps = grid.events("step_started").await?;
+    let mut started_steps = grid.step_starts().await?;
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
     let submitter = {
         let (bus, sent) = (grid.bus.clone(), Arc::clone(&sent));
@@ -509,7 +516,7 @@ pub async fn backlog(options: BacklogOptions) -> anyhow::Result<serde_json::Valu
     let storing = Instant::now();
     grid.store_requests(options.builds, 512).await?;
     let store_s = storing.elapsed().as_secs_f64();
-    let mut started_steps = grid.events("step_started").await?;
+    let mut started_steps = grid.step_starts().await?;
     let mut finished = grid.events("finished").await?;
     let restart = Instant::now();
     grid.spawn_yard(&masters)?;
