@@ -70,6 +70,50 @@ async fn write<T: Serialize>(store: &kv::Store, key: &str, value: &T, revision: 
     }
 }
 
+/// How long a pool read or change keeps trying while the bus fails: a NATS node failing over
+/// makes reads and writes fail for a few seconds, which must not fail the step.
+const BUS_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Paces the tries of one bus operation that fails, for up to [`BUS_PATIENCE`].
+struct Patience {
+    started: tokio::time::Instant,
+    pause: Duration,
+}
+
+impl Patience {
+    fn new() -> Self {
+        Patience {
+            started: tokio::time::Instant::now(),
+            pause: Duration::from_millis(50),
+        }
+    }
+
+    /// Waits before the next try; `Err(error)` once patience has run out.
+    async fn after(&mut self, key: &str, error: String) -> Result<(), String> {
+        if self.started.elapsed() >= BUS_PATIENCE {
+            return Err(error);
+        }
+        tracing::debug!(%key, %error, "pool entry not read or changed; trying again");
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(1));
+        Ok(())
+    }
+}
+
+/// [`read`], tried again while the bus fails.
+async fn read_patiently<T: DeserializeOwned + Default>(
+    store: &kv::Store,
+    key: &str,
+) -> Result<(T, u64), String> {
+    let mut patience = Patience::new();
+    loop {
+        match read(store, key).await {
+            Ok(read) => return Ok(read),
+            Err(error) => patience.after(key, error).await?,
+        }
+    }
+}
+
 /// Reads, changes and writes `key` by compare-and-swap until it sticks; `change` returns
 /// what to report, or `None` to write nothing.
 async fn update<T, R>(
@@ -80,10 +124,7 @@ async fn update<T, R>(
 where
     T: Serialize + DeserializeOwned + Default,
 {
-    // The bus failing over (a NATS node lost) makes reads and writes fail for a few seconds:
-    // keep trying for a while before the step fails.
-    let started = tokio::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(50);
+    let mut patience = Patience::new();
     loop {
         let attempt = async {
             let (mut value, revision) = read::<T>(store, key).await?;
@@ -95,18 +136,10 @@ where
         match attempt.await {
             Ok(Some(report)) => return Ok(report),
             Ok(None) => continue,
-            Err(error) if started.elapsed() < BUS_PATIENCE => {
-                tracing::debug!(%key, %error, "pool entry not changed; trying again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(1));
-            }
-            Err(error) => return Err(error),
+            Err(error) => patience.after(key, error).await?,
         }
     }
 }
-
-/// How long a pool change keeps trying while the bus fails.
-const BUS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// True if the server can be acquired for `role` in `scope`: a global acquisition needs it
 /// held by nobody; a role-scoped one needs no global holder and none in its role.
@@ -129,7 +162,8 @@ fn is_free_for(holds: &ServerHolds, role: &str, scope: PoolScope, at: Timestamp)
 
 /// The servers of `role` now.
 pub(crate) async fn servers(engine: &Engine, role: &str) -> Result<Vec<String>, String> {
-    let (pool, _) = read::<Option<PoolRecord>>(&engine.bus.pools, &subjects::pool_key(role)).await?;
+    let (pool, _) =
+        read_patiently::<Option<PoolRecord>>(&engine.bus.pools, &subjects::pool_key(role)).await?;
     Ok(pool.map(|pool| pool.servers).unwrap_or_default())
 }
 
@@ -179,7 +213,7 @@ pub(crate) async fn acquire(
             .await?;
         }
         // First come, first served: only the oldest live waiter of the role may take a server.
-        let (queue, _) = read::<PoolQueue>(store, &queue_key).await?;
+        let (queue, _) = read_patiently::<PoolQueue>(store, &queue_key).await?;
         let first = queue.waiters.iter().find(|waiter| fresh(waiter.refreshed_at, at));
         if first.is_some_and(|first| first.build_id == build_id && first.step == step) {
             if let Some(server) = take_free_server(engine, build_id, step, role, scope).await? {
