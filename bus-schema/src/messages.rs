@@ -153,6 +153,17 @@ impl BuildEventKind {
             BuildEventKind::Finished { .. } => "finished",
         }
     }
+
+    /// The message id (`Nats-Msg-Id`) of an event a build has only once, so that JetStream
+    /// stores it once however often it is published again (a retried store, an engine adopting
+    /// the build): its `requested` and its `finished`. `None` for events that may recur.
+    pub fn once_per_build_id(&self, build_id: &str) -> Option<String> {
+        match self {
+            BuildEventKind::Requested(_) => Some(build_id.to_owned()),
+            BuildEventKind::Finished { .. } => Some(format!("{build_id}.finished")),
+            _ => None,
+        }
+    }
 }
 
 /// What an agent tells the grid about itself, stored in the agents bucket under its name.

@@ -205,16 +205,30 @@ impl Bus {
         build_id: &str,
         kind: BuildEventKind,
     ) -> Result<jetstream::context::PublishAckFuture, Error> {
-        let event = BuildEvent {
+        self.publish_built_event(&BuildEvent {
             build_id: build_id.to_owned(),
             at: now(),
             kind,
+        })
+        .await
+    }
+
+    /// Publishes `event`, with its message id if the build has it only once.
+    async fn publish_built_event(
+        &self,
+        event: &BuildEvent,
+    ) -> Result<jetstream::context::PublishAckFuture, Error> {
+        let subject = subjects::event(&event.build_id, event.kind.subject_kind());
+        let payload = Bytes::from(bus_schema::encode(event));
+        let published = match event.kind.once_per_build_id(&event.build_id) {
+            Some(id) => {
+                self.jetstream
+                    .publish_with_headers(subject, dedup_headers(&id), payload)
+                    .await
+            }
+            None => self.jetstream.publish(subject, payload).await,
         };
-        let subject = subjects::event(build_id, event.kind.subject_kind());
-        self.jetstream
-            .publish(subject, Bytes::from(bus_schema::encode(&event)))
-            .await
-            .map_err(|e| Error::nats("publishing a build event", e))
+        published.map_err(|e| Error::nats("publishing a build event", e))
     }
 
     /// The durable consumer through which the scheduler `name` reads changes, created if it
@@ -257,27 +271,11 @@ impl Bus {
             .map_err(|e| Error::nats(format!("creating consumer {consumer_name}"), e))
     }
 
-    /// Publishes a build event and waits until JetStream stored it. The `finished` event
-    /// carries a message id, so that publishing it again after a lost ack (or a second engine
-    /// finishing an adopted build) stores it once.
+    /// Publishes a build event and waits until JetStream stored it. Events a build has once
+    /// carry a message id (`BuildEventKind::once_per_build_id`), so publishing one again after
+    /// a lost ack (or a second engine finishing an adopted build) stores it once.
     pub async fn store_event(&self, build_id: &str, kind: BuildEventKind) -> Result<u64, Error> {
-        let ack = if matches!(kind, BuildEventKind::Finished { .. }) {
-            let event = BuildEvent {
-                build_id: build_id.to_owned(),
-                at: now(),
-                kind,
-            };
-            self.jetstream
-                .publish_with_headers(
-                    subjects::event(build_id, event.kind.subject_kind()),
-                    dedup_headers(&format!("{build_id}.finished")),
-                    Bytes::from(bus_schema::encode(&event)),
-                )
-                .await
-                .map_err(|e| Error::nats("publishing a build event", e))?
-        } else {
-            self.publish_event(build_id, kind).await?
-        };
+        let ack = self.publish_event(build_id, kind).await?;
         let ack = ack.await.map_err(|e| Error::nats("storing a build event", e))?;
         Ok(ack.sequence)
     }
@@ -292,15 +290,7 @@ impl Bus {
             at: request.requested_at,
             kind: BuildEventKind::Requested(request.clone()),
         };
-        let event_ack = self
-            .jetstream
-            .publish_with_headers(
-                subjects::event(&request.build_id, event.kind.subject_kind()),
-                dedup_headers(&request.build_id),
-                Bytes::from(bus_schema::encode(&event)),
-            )
-            .await
-            .map_err(|e| Error::nats("publishing a requested event", e))?;
+        let event_ack = self.publish_built_event(&event).await?;
         let request_ack = self
             .jetstream
             .publish_with_headers(
