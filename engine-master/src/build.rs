@@ -30,6 +30,8 @@ use crate::{Engine, StepOutcome};
 
 /// How long an agent has to answer a command.
 const AGENT_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The shortest wait for a liveness ping's answer, however close the agent is to being lost.
+const PING_AT_LEAST: Duration = Duration::from_millis(250);
 /// How often a waiting step refreshes its entry in the waits bucket (whose entries expire).
 const WAIT_REFRESH: Duration = Duration::from_secs(10);
 /// How long a step waits for an agent before its wait is recorded in the waits bucket.
@@ -1309,8 +1311,12 @@ impl BuildDriver {
                     // once the newest is half the timeout old, ask the agent itself. Lost: not
                     // heard from either way for the whole agent_timeout.
                     let half = self.engine.config.engine.agent_timeout / 2;
+                    // A ping waits no longer than the agent has left before it counts as
+                    // lost, so an unanswered one does not delay that verdict.
+                    let left = half.saturating_sub(last_heard.elapsed());
+                    let ping_within = left.clamp(PING_AT_LEAST, AGENT_REPLY_TIMEOUT);
                     if self.engine.directory.heartbeat_within(agent, session, half)
-                        || self.answers_ping(agent, session).await
+                        || self.answers_ping(agent, session, ping_within).await
                     {
                         last_heard = tokio::time::Instant::now();
                     }
@@ -1336,9 +1342,9 @@ impl BuildDriver {
     }
 
     /// True if the agent answers a ping from the same session.
-    async fn answers_ping(&self, agent: &str, session: &str) -> bool {
+    async fn answers_ping(&self, agent: &str, session: &str, within: Duration) -> bool {
         let answered = matches!(
-            self.command(agent, AgentCommand::Ping).await,
+            self.command_within(agent, AgentCommand::Ping, within).await,
             Ok(AgentReply::Accepted { session: answered }) if answered == session
         );
         if answered {
@@ -1357,16 +1363,25 @@ impl BuildDriver {
     }
 
     async fn command(&self, agent: &str, command: AgentCommand) -> Result<AgentReply, String> {
+        self.command_within(agent, command, AGENT_REPLY_TIMEOUT).await
+    }
+
+    async fn command_within(
+        &self,
+        agent: &str,
+        command: AgentCommand,
+        within: Duration,
+    ) -> Result<AgentReply, String> {
         let payload = bytes::Bytes::from(bus_schema::encode(&command));
         let reply = tokio::time::timeout(
-            AGENT_REPLY_TIMEOUT,
+            within,
             self.engine
                 .bus
                 .client
                 .request(subjects::agent_commands(agent), payload),
         )
         .await
-        .map_err(|_| format!("no answer within {} s", AGENT_REPLY_TIMEOUT.as_secs()))?
+        .map_err(|_| format!("no answer within {} ms", within.as_millis()))?
         .map_err(|error| error.to_string())?;
         bus_schema::decode(&reply.payload).map_err(|error| {
             let error = format!("agent {agent} answered with an undecodable message: {error}");
