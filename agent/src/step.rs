@@ -68,6 +68,20 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
     let index = assignment.index;
     let attempt = assignment.attempt;
     // The engine stored the step's start, naming this run of the agent, before asking.
+    if agent.settings.simulate {
+        // A simulated step succeeds at once and prints nothing: no process, no log.
+        let outcome = Outcome {
+            result: StepResult::Success,
+            exit_code: Some(0),
+            message: None,
+        };
+        return StepEnd {
+            build_id,
+            attempt,
+            index,
+            outcome,
+        };
+    }
     let masker = Arc::new(Masker::new(&assignment.masked));
     let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);
     let logger = tokio::spawn(publish_logs(
@@ -98,13 +112,6 @@ async fn execute(
     lines: mpsc::Sender<LogLine>,
     masker: &Arc<Masker>,
 ) -> Outcome {
-    if agent.settings.simulate {
-        return Outcome {
-            result: StepResult::Success,
-            exit_code: Some(0),
-            message: None,
-        };
-    }
     let header = |text: String| LogLine {
         stream: LogStream::Header,
         text,
