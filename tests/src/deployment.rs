@@ -151,6 +151,23 @@ impl Deployment {
         api
     }
 
+    /// Starts a scheduler master (`sched-1`), an engine master per id in `engines`, a UI
+    /// master (`ui-1`) and `agents` (name and labels each), and waits until the UI master is
+    /// healthy and sees every agent idle. Returns the UI master's API client.
+    pub async fn start_masters_and_agents(&mut self, engines: &[&str], agents: &[(&str, &str)]) -> Api {
+        self.master("scheduler", "sched-1");
+        for id in engines {
+            self.master("engine", id);
+        }
+        let api = self.ui("ui-1");
+        for (name, labels) in agents {
+            self.agent(name, labels);
+        }
+        api.wait_healthy().await;
+        api.wait_agents(agents.len()).await;
+        api
+    }
+
     /// Starts an agent process.
     pub fn agent(&mut self, name: &str, labels: &str) {
         self.agent_with_args(name, labels, &[]);

@@ -56,12 +56,9 @@ fn deployment(toml: &str) -> Deployment {
 /// Starts a scheduler, an engine, a UI master and one agent, each its own process.
 async fn start_roles(deployment: &mut Deployment) -> Api {
     deployment.provision().await;
-    deployment.master("scheduler", "sched-1");
-    deployment.master("engine", "engine-1");
-    let api = deployment.ui("ui-1");
-    deployment.agent("a1", "os=linux");
-    api.wait_healthy().await;
-    api.wait_agents(1).await;
+    let api = deployment
+        .start_masters_and_agents(&["engine-1"], &[("a1", "os=linux")])
+        .await;
     api
 }
 

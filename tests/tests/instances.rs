@@ -26,10 +26,7 @@ builders = ["b"]
 async fn an_agent_of_another_protocol_version_is_refused() {
     yard_tests::init_logging();
     let mut deployment = Deployment::new(CONFIG);
-    deployment.master("scheduler", "sched-1");
-    deployment.master("engine", "engine-1");
-    let api = deployment.ui("ui-1");
-    api.wait_healthy().await;
+    let api = deployment.start_masters_and_agents(&["engine-1"], &[]).await;
     deployment.agent_with_args("mismatched", "os=old", &["--protocol", "999"]);
 
     let agent = wait_until(

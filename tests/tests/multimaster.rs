@@ -266,12 +266,9 @@ async fn killing_an_engine_and_a_scheduler_loses_nothing_and_runs_nothing_twice(
 async fn a_step_that_died_with_its_engine_and_agent_runs_again_only_as_a_retry() {
     yard_tests::init_logging();
     let mut deployment = Deployment::new(CONFIG);
-    deployment.master("scheduler", "sched-1");
-    deployment.master("engine", "engine-1");
-    let ui = deployment.ui("ui-1");
-    deployment.agent("a1", "os=linux");
-    ui.wait_healthy().await;
-    ui.wait_agents(1).await;
+    let ui = deployment
+        .start_masters_and_agents(&["engine-1"], &[("a1", "os=linux")])
+        .await;
     let id = ui.force("slow", json!({})).await;
     let step = (id.clone(), "slow".to_owned());
     wait_until("the step's process to run", Duration::from_secs(60), || async {
@@ -298,15 +295,10 @@ async fn a_step_that_died_with_its_engine_and_agent_runs_again_only_as_a_retry()
 async fn draining_and_a_rolling_upgrade_lose_nothing() {
     yard_tests::init_logging();
     let mut deployment = Deployment::new(CONFIG);
-    deployment.master("scheduler", "sched-1");
-    deployment.master("engine", "old-1");
-    deployment.master("engine", "old-2");
-    let api = deployment.ui("ui-1");
-    for agent in ["a1", "a2", "a3"] {
-        deployment.agent(agent, "os=linux");
-    }
-    api.wait_healthy().await;
-    api.wait_agents(3).await;
+    let agents = [("a1", "os=linux"), ("a2", "os=linux"), ("a3", "os=linux")];
+    let api = deployment
+        .start_masters_and_agents(&["old-1", "old-2"], &agents)
+        .await;
 
     let first_wave = tokio::spawn({
         let api = api.clone();
@@ -529,12 +521,9 @@ async fn wait_for_metric(api: &Api, master: &str, line: &str) -> String {
 async fn every_master_serves_its_metrics() {
     yard_tests::init_logging();
     let mut deployment = Deployment::new(CONFIG);
-    deployment.master("scheduler", "sched-1");
-    deployment.master("engine", "engine-1");
-    let api = deployment.ui("ui-1");
-    deployment.agent("a1", "os=linux");
-    api.wait_healthy().await;
-    api.wait_agents(1).await;
+    let api = deployment
+        .start_masters_and_agents(&["engine-1"], &[("a1", "os=linux")])
+        .await;
     let changes = post_changes(std::slice::from_ref(&api), 3).await;
     assert_eq!(changes.len(), 3);
     let builds = wait_all_finished(&api, 3, Duration::from_secs(60)).await;

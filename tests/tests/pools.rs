@@ -296,13 +296,9 @@ async fn a_killed_engines_server_goes_back_when_its_build_ends() {
     yard_tests::init_logging();
     let mut deployment = Deployment::new(CONFIG);
     // The scheduler master stores forced builds.
-    deployment.master("scheduler", "sched-1");
-    deployment.master("engine", "engine-1");
-    deployment.master("engine", "engine-2");
-    let api = deployment.ui("ui-1");
-    deployment.agent("a1", "os=linux");
-    api.wait_healthy().await;
-    api.wait_agents(1).await;
+    let api = deployment
+        .start_masters_and_agents(&["engine-1", "engine-2"], &[("a1", "os=linux")])
+        .await;
     let dir = deployment.path("gates");
     std::fs::create_dir_all(&dir).unwrap();
     let build = api
@@ -393,13 +389,8 @@ builders = ["p", "q"]
 async fn a_retried_build_keeps_the_server_its_first_attempt_took() {
     yard_tests::init_logging();
     let mut deployment = Deployment::new(CONFIG);
-    deployment.master("scheduler", "sched-1");
-    deployment.master("engine", "engine-1");
-    let api = deployment.ui("ui-1");
-    deployment.agent("a1", "os=linux");
-    deployment.agent("a2", "os=linux");
-    api.wait_healthy().await;
-    api.wait_agents(2).await;
+    let agents = [("a1", "os=linux"), ("a2", "os=linux")];
+    let api = deployment.start_masters_and_agents(&["engine-1"], &agents).await;
     let dir = deployment.path("gates");
     std::fs::create_dir_all(&dir).unwrap();
     // `red` has one server: a second acquisition by the same step would wait for itself.

@@ -106,12 +106,9 @@ async fn secrets_reach_steps_masked_and_are_stored_nowhere() {
     let mut deployment = Deployment::new(CONFIG);
     std::fs::write(deployment.path("file-secret"), format!("{FILE_VALUE}\n")).unwrap();
     deployment.set_env("engine-1", &[("YARD_TEST_API_TOKEN", TOKEN)]);
-    deployment.master("scheduler", "scheduler-1");
-    deployment.master("engine", "engine-1");
-    let api = deployment.ui("ui-1");
-    deployment.agent("agent-1", "os=linux");
-    api.wait_healthy().await;
-    api.wait_agents(1).await;
+    let api = deployment
+        .start_masters_and_agents(&["engine-1"], &[("agent-1", "os=linux")])
+        .await;
 
     // Both values arrive: the step's own `test` succeeds only with the token's value.
     let (first, build) = finished_build(&api, "with-secrets").await;
@@ -208,7 +205,7 @@ async fn secrets_reach_steps_masked_and_are_stored_nowhere() {
     }
 
     // Nor does any process log.
-    for process in ["scheduler-1", "engine-1", "ui-1", "agent-1"] {
+    for process in ["sched-1", "engine-1", "ui-1", "agent-1"] {
         assert_no_value(
             &format!("the log of {process}"),
             deployment.log_text(process).as_bytes(),
