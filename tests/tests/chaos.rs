@@ -331,13 +331,22 @@ async fn kills_and_a_network_cut_under_load_lose_nothing_and_run_nothing_twice()
 
     // The cut: the islander runs a pinned build's long step when NATS disappears for it.
     let cut_window = Arc::new(AtomicBool::new(false));
+    let effects = deployment.path("effects");
     let island = tokio::spawn({
         let (api, cut_window) = (stable.clone(), Arc::clone(&cut_window));
         async move {
             let build = api.force("pinned", json!({})).await;
-            api.wait_build(&build, Duration::from_secs(60), |build| {
-                build["steps"][0]["state"] == "running"
-            })
+            // Its process runs: the agent has the step (the step shows running from the
+            // moment the engine stores its start, before it asks the agent).
+            let started = format!("{build} long");
+            wait_until(
+                "the pinned step's process to run",
+                Duration::from_secs(60),
+                || async {
+                    let text = std::fs::read_to_string(&effects).unwrap_or_default();
+                    text.lines().any(|line| line == started).then_some(())
+                },
+            )
             .await;
             cut_window.store(true, Ordering::SeqCst);
             let cut_at = Instant::now();
