@@ -1,6 +1,7 @@
 //! Reading back every message stored under one subject filter (one build's events, one
-//! step's log) without creating a consumer: JetStream batch direct gets, checked against the
-//! stream leader so that a lagging replica never answers with an incomplete history.
+//! step's log) without creating a consumer: JetStream batch direct gets, which any replica
+//! may answer, completed from the stream leader when that replica is behind it, so that a read
+//! never returns a partial history.
 //!
 //! **Architecture Invariant:** a read creates nothing on the server. Consumers are a limited
 //! resource per stream (nats-server refuses more than its limit), and a reader killed halfway
@@ -13,12 +14,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 
-/// How long one batch may take to arrive, message after message.
-const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one batch may take to arrive, message after message, before the leader is asked
+/// for the rest instead. A replica that is current answers within milliseconds; one that is
+/// catching up (a node restarted moments ago) may not answer at all, and a read must not wait
+/// for it: an engine reads a build's events before it declares an agent lost.
+const BATCH_TIMEOUT: Duration = Duration::from_millis(250);
 /// The most messages one batch asks for (the server's own limit is higher).
 const BATCH_SIZE: u64 = 1_000;
-/// Reads that may miss the newest message (a replica behind the leader) before giving up.
-const ATTEMPTS: u32 = 10;
 
 /// One message read back from a stream.
 #[derive(Debug, Clone)]
@@ -31,12 +33,10 @@ pub struct StoredMessage {
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("asking the stream leader for the newest message: {0}")]
-    Newest(String),
+    #[error("reading from the stream leader: {0}")]
+    Leader(String),
     #[error("direct get: {0}")]
     Direct(String),
-    #[error("no complete read after {ATTEMPTS} attempts: replicas stay behind the leader")]
-    Behind,
 }
 
 #[derive(Serialize)]
@@ -53,46 +53,54 @@ pub async fn read_all(
     stream: &str,
     filter: &str,
 ) -> Result<Vec<StoredMessage>, ReadError> {
-    let mut delay = Duration::from_millis(20);
-    for _ in 0..ATTEMPTS {
-        let Some(newest) = newest_sequence(jetstream, stream, filter).await? else {
-            return Ok(Vec::new());
-        };
-        let messages = read_from_any_replica(client, stream, filter).await?;
-        if messages.last().is_some_and(|message| message.sequence >= newest) {
-            return Ok(messages);
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(500));
-    }
-    Err(ReadError::Behind)
-}
-
-/// The sequence of the newest message under `filter`, as the stream leader knows it.
-async fn newest_sequence(
-    jetstream: &jetstream::Context,
-    stream: &str,
-    filter: &str,
-) -> Result<Option<u64>, ReadError> {
-    let stream = jetstream
+    let leader = jetstream
         .get_stream_no_info(stream)
         .await
-        .map_err(|error| ReadError::Newest(error.to_string()))?;
-    match stream.get_last_raw_message_by_subject(filter).await {
-        Ok(message) => Ok(Some(message.sequence)),
-        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(error) => Err(ReadError::Newest(error.to_string())),
+        .map_err(|error| ReadError::Leader(error.to_string()))?;
+    // The newest message as the leader knows it: the read must reach it.
+    let newest = match leader.get_last_raw_message_by_subject(filter).await {
+        Ok(message) => message.sequence,
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(Vec::new()),
+        Err(error) => return Err(ReadError::Leader(error.to_string())),
+    };
+    let mut messages = Vec::new();
+    if let Err(error) = read_from_any_replica(client, stream, filter, &mut messages).await {
+        tracing::debug!(%stream, %filter, %error, "direct read incomplete; reading the rest from the leader");
     }
+    // A replica behind the leader (a node catching up after a restart) misses the newest
+    // messages: the leader has them, one request each.
+    while let Some(from) = messages.last().map_or(Some(1), |last: &StoredMessage| {
+        (last.sequence < newest).then_some(last.sequence + 1)
+    }) {
+        let next = leader
+            .raw_message_builder()
+            .sequence(from)
+            .next_by_subject(filter)
+            .send()
+            .await;
+        match next {
+            Ok(message) => messages.push(StoredMessage {
+                subject: message.subject.to_string(),
+                sequence: message.sequence,
+                payload: message.payload,
+            }),
+            // Removed meanwhile (age limit): what there is, is all there is.
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => break,
+            Err(error) => return Err(ReadError::Leader(error.to_string())),
+        }
+    }
+    Ok(messages)
 }
 
 /// Every message under `filter`, in batches of direct gets that any replica may answer.
+/// Adds what it read to `messages`, also when it fails halfway.
 async fn read_from_any_replica(
     client: &async_nats::Client,
     stream: &str,
     filter: &str,
-) -> Result<Vec<StoredMessage>, ReadError> {
+    messages: &mut Vec<StoredMessage>,
+) -> Result<(), ReadError> {
     let direct = |what: String| ReadError::Direct(format!("{stream} {filter}: {what}"));
-    let mut messages = Vec::new();
     let mut from = 1;
     loop {
         let inbox = client.new_inbox();
@@ -128,9 +136,14 @@ async fn read_from_any_replica(
             Err(direct("the reply subscription ended".to_owned()))
         })
         .await
-        .map_err(|_| direct(format!("no complete batch within {} s", BATCH_TIMEOUT.as_secs())))??;
+        .map_err(|_| {
+            direct(format!(
+                "no complete batch within {} ms",
+                BATCH_TIMEOUT.as_millis()
+            ))
+        })??;
         if pending == 0 {
-            return Ok(messages);
+            return Ok(());
         }
         match messages.last() {
             Some(last) => from = last.sequence + 1,

@@ -623,6 +623,42 @@ async fn reading_back_a_builds_events_creates_no_consumer() {
         .expect("an empty read is no error");
     assert!(missing.is_empty());
 
+    // A stream no replica answers direct gets on (as when replicas are behind, or a stream
+    // created before reads used them): the stream leader answers instead, message by message.
+    bus.jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "PLAIN".into(),
+            subjects: vec!["plain.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream created");
+    for index in 0..30 {
+        for build in ["b1", "b2"] {
+            bus.jetstream
+                .publish(
+                    format!("plain.{build}.{index}"),
+                    format!("{build} {index}").into(),
+                )
+                .await
+                .expect("published")
+                .await
+                .expect("stored");
+        }
+    }
+    let plain = bus
+        .read_all("PLAIN", "plain.b1.>")
+        .await
+        .expect("read from the leader");
+    let payloads: Vec<String> = plain
+        .iter()
+        .map(|message| String::from_utf8_lossy(&message.payload).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        (0..30).map(|index| format!("b1 {index}")).collect::<Vec<_>>()
+    );
+
     bus.client.flush().await.expect("flushed");
     let created = tokio::time::timeout(Duration::from_millis(200), consumer_calls.next()).await;
     assert!(
