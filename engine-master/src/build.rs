@@ -30,8 +30,6 @@ use crate::{Engine, StepOutcome};
 
 /// How long an agent has to answer a command.
 const AGENT_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
-/// The shortest wait for a liveness ping's answer, however close the agent is to being lost.
-const PING_AT_LEAST: Duration = Duration::from_millis(250);
 /// How often a waiting step refreshes its entry in the waits bucket (whose entries expire).
 const WAIT_REFRESH: Duration = Duration::from_secs(10);
 /// How long a step waits for an agent before its wait is recorded in the waits bucket.
@@ -859,18 +857,28 @@ impl BuildDriver {
     }
 
     async fn pool_step_done(&self, index: u32, message: String) -> NodeEnd {
+        self.engine_ends_step(
+            index,
+            StepOutcome {
+                result: StepResult::Success,
+                message: Some(message),
+            },
+        )
+        .await
+    }
+
+    /// Records the end of a step the engine decides itself (a pool step, or a command step no
+    /// agent will report) and returns it.
+    async fn engine_ends_step(&self, index: u32, outcome: StepOutcome) -> NodeEnd {
         self.publish(BuildEventKind::StepFinished {
             index,
             attempt: self.attempt(),
-            result: StepResult::Success,
+            result: outcome.result,
             exit_code: None,
-            message: Some(message.clone()),
+            message: outcome.message.clone(),
         })
         .await;
-        NodeEnd::Done(StepOutcome {
-            result: StepResult::Success,
-            message: Some(message),
-        })
+        NodeEnd::Done(outcome)
     }
 
     /// Publishes `skipped` for the given steps.
@@ -1118,15 +1126,7 @@ impl BuildDriver {
             Err(problem) => {
                 let message = format!("{problem} (engine {}); the step did not run", self.engine.id);
                 self.log_note(index, message.clone()).await;
-                self.publish(BuildEventKind::StepFinished {
-                    index,
-                    attempt,
-                    result: StepResult::Exception,
-                    exit_code: None,
-                    message: Some(message.clone()),
-                })
-                .await;
-                return NodeEnd::Done(exception(message));
+                return self.engine_ended_step(index, message).await;
             }
         };
         for (name, value) in &secrets {
@@ -1259,18 +1259,9 @@ impl BuildDriver {
         }
     }
 
-    /// Records the end of a step that no agent will report (its start is on the bus): an
-    /// exception saying why.
+    /// Records the end of a command step that no agent will report: an exception saying why.
     async fn engine_ended_step(&self, index: u32, message: String) -> NodeEnd {
-        self.publish(BuildEventKind::StepFinished {
-            index,
-            attempt: self.attempt(),
-            result: StepResult::Exception,
-            exit_code: None,
-            message: Some(message.clone()),
-        })
-        .await;
-        NodeEnd::Done(exception(message))
+        self.engine_ends_step(index, exception(message)).await
     }
 
     /// Waits for the step's result; cancels it when the build is cancelled; declares the agent
@@ -1311,12 +1302,8 @@ impl BuildDriver {
                     // once the newest is half the timeout old, ask the agent itself. Lost: not
                     // heard from either way for the whole agent_timeout.
                     let half = self.engine.config.engine.agent_timeout / 2;
-                    // A ping waits no longer than the agent has left before it counts as
-                    // lost, so an unanswered one does not delay that verdict.
-                    let left = half.saturating_sub(last_heard.elapsed());
-                    let ping_within = left.clamp(PING_AT_LEAST, AGENT_REPLY_TIMEOUT);
                     if self.engine.directory.heartbeat_within(agent, session, half)
-                        || self.answers_ping(agent, session, ping_within).await
+                        || self.answers_ping(agent, session).await
                     {
                         last_heard = tokio::time::Instant::now();
                     }
@@ -1342,9 +1329,9 @@ impl BuildDriver {
     }
 
     /// True if the agent answers a ping from the same session.
-    async fn answers_ping(&self, agent: &str, session: &str, within: Duration) -> bool {
+    async fn answers_ping(&self, agent: &str, session: &str) -> bool {
         let answered = matches!(
-            self.command_within(agent, AgentCommand::Ping, within).await,
+            self.command(agent, AgentCommand::Ping).await,
             Ok(AgentReply::Accepted { session: answered }) if answered == session
         );
         if answered {
@@ -1363,25 +1350,16 @@ impl BuildDriver {
     }
 
     async fn command(&self, agent: &str, command: AgentCommand) -> Result<AgentReply, String> {
-        self.command_within(agent, command, AGENT_REPLY_TIMEOUT).await
-    }
-
-    async fn command_within(
-        &self,
-        agent: &str,
-        command: AgentCommand,
-        within: Duration,
-    ) -> Result<AgentReply, String> {
         let payload = bytes::Bytes::from(bus_schema::encode(&command));
         let reply = tokio::time::timeout(
-            within,
+            AGENT_REPLY_TIMEOUT,
             self.engine
                 .bus
                 .client
                 .request(subjects::agent_commands(agent), payload),
         )
         .await
-        .map_err(|_| format!("no answer within {} ms", within.as_millis()))?
+        .map_err(|_| format!("no answer within {} s", AGENT_REPLY_TIMEOUT.as_secs()))?
         .map_err(|error| error.to_string())?;
         bus_schema::decode(&reply.payload).map_err(|error| {
             let error = format!("agent {agent} answered with an undecodable message: {error}");

@@ -120,6 +120,22 @@ async fn wait_all_free(api: &Api, role: &str) {
     .await;
 }
 
+/// Forces a `red-role` build gated on a file in the returned directory and waits until it
+/// holds `red`'s one server and runs its gated step; returns the directory, the build id and
+/// the running build.
+async fn red_role_running(deployment: &Deployment, api: &Api) -> (std::path::PathBuf, String, Value) {
+    let dir = deployment.path("gates");
+    std::fs::create_dir_all(&dir).unwrap();
+    let build = api
+        .force("red-role", json!({ "DIR": dir.to_str().unwrap() }))
+        .await;
+    let running = api
+        .wait_build(&build, DEADLINE, |b| b["steps"][1]["state"] == "running")
+        .await;
+    assert_eq!(holders(api, "red").await["shared"], vec![build.clone()]);
+    (dir, build, running)
+}
+
 async fn start() -> Cluster {
     start_with_agents(4).await
 }
@@ -299,16 +315,8 @@ async fn a_killed_engines_server_goes_back_when_its_build_ends() {
     let api = deployment
         .start_masters_and_agents(&["engine-1", "engine-2"], &[("a1", "os=linux")])
         .await;
-    let dir = deployment.path("gates");
-    std::fs::create_dir_all(&dir).unwrap();
-    let build = api
-        .force("red-role", json!({ "DIR": dir.to_str().unwrap() }))
-        .await;
-    let running = api
-        .wait_build(&build, DEADLINE, |b| b["steps"][1]["state"] == "running")
-        .await;
+    let (dir, build, running) = red_role_running(&deployment, &api).await;
     let engine = running["engine"].as_str().unwrap().to_owned();
-    assert_eq!(holders(&api, "red").await["shared"], vec![build.clone()]);
     deployment.kill(&engine);
     // The other engine adopts the build; when it ends, the server goes back.
     api.wait_build(&build, DEADLINE, |b| {
@@ -391,17 +399,9 @@ async fn a_retried_build_keeps_the_server_its_first_attempt_took() {
     let mut deployment = Deployment::new(CONFIG);
     let agents = [("a1", "os=linux"), ("a2", "os=linux")];
     let api = deployment.start_masters_and_agents(&["engine-1"], &agents).await;
-    let dir = deployment.path("gates");
-    std::fs::create_dir_all(&dir).unwrap();
     // `red` has one server: a second acquisition by the same step would wait for itself.
-    let build = api
-        .force("red-role", json!({ "DIR": dir.to_str().unwrap() }))
-        .await;
-    let running = api
-        .wait_build(&build, DEADLINE, |b| b["steps"][1]["state"] == "running")
-        .await;
+    let (dir, build, running) = red_role_running(&deployment, &api).await;
     let agent = running["steps"][1]["agent"].as_str().unwrap().to_owned();
-    assert_eq!(holders(&api, "red").await["shared"], vec![build.clone()]);
     deployment.kill(&agent);
     // The agent is lost; the next attempt takes the step's server again, not a second one.
     let retried = api
