@@ -446,7 +446,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let shutdown = services::shutdown::on_signals();
             let mut agents = Vec::new();
             for (nats, instance) in deployments {
-                let bus = Bus::connect(&nats, &config.engine, &format!("yard-agent-{instance}")).await?;
+                let bus =
+                    Bus::connect_as_agent(&nats, &config.engine, &format!("yard-agent-{instance}")).await?;
                 let mut settings = agent::Settings::from_config(&config.agent, &instance);
                 if let Some(protocol) = args.protocol {
                     settings.protocol = protocol;

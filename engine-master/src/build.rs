@@ -6,7 +6,7 @@
 //! (`Hold`), which refuses a second build, and counted here so that steps of one build can
 //! share an agent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -240,6 +240,9 @@ struct Hold {
     /// agent as a `Hold` does, one round trip fewer). Until then another engine's build may
     /// get there first, and the build picks another agent.
     untaken: bool,
+    /// A `RunStep` of the build may have reached the agent's run named by `session` already
+    /// (an earlier engine's, adopted): if that run has ended, the step may have died with it.
+    may_have_started: bool,
     /// The agent let go of the build itself, with the last step it ran for it.
     released_by_agent: bool,
 }
@@ -250,6 +253,7 @@ impl Hold {
             count: 1,
             session,
             untaken: false,
+            may_have_started: false,
             released_by_agent: false,
         }
     }
@@ -507,15 +511,21 @@ impl BuildDriver {
     /// under the run of the agent that may have started its unfinished steps: the one named
     /// by such a step's start, else the one the directory knows now. A step started under one
     /// run is never sent to another (see [`StepAssignment::require_session`]).
+    ///
+    /// The master agent counts as not taken yet while no command step of the attempt finished
+    /// on it: if it now serves another build, nothing of this one ran there, and the build
+    /// goes on on another agent.
     fn adopt_holds(&self, record: &BuildRecord) {
         let mut sessions: HashMap<&str, String> = HashMap::new();
-        for step in record
-            .steps
-            .iter()
-            .filter(|step| step.state < StepState::Finished)
-        {
+        let mut finished_on: HashSet<&str> = HashSet::new();
+        for step in &record.steps {
+            // Only command steps name the agent's run.
             if let (Some(agent), Some(session)) = (&step.agent, &step.agent_session) {
-                sessions.entry(agent).or_insert_with(|| session.clone());
+                if step.state < StepState::Finished {
+                    sessions.entry(agent).or_insert_with(|| session.clone());
+                } else {
+                    finished_on.insert(agent);
+                }
             }
         }
         let mut holds = self.holds();
@@ -524,12 +534,16 @@ impl BuildDriver {
             .iter()
             .chain(record.steps.iter().filter_map(|s| s.agent.as_ref()))
         {
-            let session = match sessions.get(agent.as_str()) {
+            let started = sessions.get(agent.as_str());
+            let session = match started {
                 Some(session) => session.clone(),
                 None => self.engine.directory.session(agent).unwrap_or_default(),
             };
+            let is_master = record.agent.as_ref() == Some(agent);
             holds.entry(agent.clone()).or_insert(Hold {
                 count: 0,
+                untaken: is_master && !finished_on.contains(agent.as_str()),
+                may_have_started: started.is_some(),
                 ..Hold::taken(session)
             });
         }
@@ -556,11 +570,19 @@ impl BuildDriver {
                 step.kind() == StepKind::Command && step.agents.is_none()
             });
         let mut wait_observed = false;
+        // An adopted build goes on on the agent its earlier engine held for the master step:
+        // a step started there and not finished must be settled there (or the agent found
+        // lost), never started again on an agent the directory would pick now.
+        let mut adopted_master = self.adopted_agent(prior.and_then(|record| record.agent.as_deref()));
         let (master, end) = loop {
-            let Some(master) = self
-                .hold_agent(builder, selector, None, taken_by_first_step)
-                .await
-            else {
+            let held = match adopted_master.take() {
+                Some(agent) => Some(agent),
+                None => {
+                    self.hold_agent(builder, selector, None, taken_by_first_step)
+                        .await
+                }
+            };
+            let Some(master) = held else {
                 self.skip(all_steps(flat)).await;
                 return AttemptEnd::Done(self.cancelled_ending());
             };
@@ -672,7 +694,15 @@ impl BuildDriver {
                 }
                 None => None,
             };
+            // Adopted: a step on its own agent goes on on the agent its start names.
+            let adopted = own_selector.as_ref().and_then(|_| {
+                let started_on = prior
+                    .and_then(|record| record.steps.get(index as usize))
+                    .and_then(|step| step.agent.as_deref());
+                self.adopted_agent(started_on)
+            });
             let own_agent = match &own_selector {
+                Some(_) if adopted.is_some() => adopted,
                 Some(selector) => match self.hold_agent(builder, selector, Some(node), false).await {
                     Some(agent) => Some(agent),
                     None => {
@@ -919,6 +949,15 @@ impl BuildDriver {
         Some(record)
     }
 
+    /// Holds again `agent`, which an earlier engine held for the build (see
+    /// [`Self::adopt_holds`]); `None` if there is no such agent.
+    fn adopted_agent(&self, agent: Option<&str>) -> Option<String> {
+        let agent = agent.filter(|agent| !agent.is_empty())?;
+        self.holds().get_mut(agent)?.count += 1;
+        self.engine.directory.assign_adopted(agent, self.id());
+        Some(agent.to_owned())
+    }
+
     /// Holds an agent matching `selector` for the build, waiting (and saying why, on the bus
     /// and in the waits bucket) while none is free. `step` is `None` for the master step.
     /// `by_first_step`: the agent is not asked now; the build's first step on it takes it.
@@ -1138,7 +1177,7 @@ impl BuildDriver {
                 );
             }
         }
-        let (require_session, release_after, untaken) = {
+        let (require_session, release_after, untaken, may_have_started) = {
             let holds = self.holds();
             let hold = holds.get(agent);
             (
@@ -1148,6 +1187,7 @@ impl BuildDriver {
                     .filter(|session| !session.is_empty()),
                 last_on_agent && hold.is_some_and(|hold| hold.count == 1),
                 hold.is_some_and(|hold| hold.untaken),
+                hold.is_some_and(|hold| hold.may_have_started),
             )
         };
         let assignment = StepAssignment {
@@ -1194,18 +1234,21 @@ impl BuildDriver {
         self.engine.step_results.insert(key.clone(), result_tx);
         // Asked until it answers or is lost, even when the step takes the agent: a reply lost
         // on the way may hide a step that started, which must not start elsewhere as well.
-        match self
-            .command_until_lost(agent, AgentCommand::RunStep(assignment))
-            .await
-        {
+        let (answer, asks) = self
+            .command_counting_asks(agent, AgentCommand::RunStep(assignment))
+            .await;
+        match answer {
+            // Past its session check, an agent that ran or runs the step says so: busy with
+            // another build, it never had this one.
             Ok(AgentReply::Busy { build_id: other }) if untaken => {
                 self.engine.step_results.remove(&key);
                 self.engine.directory.mark_busy(agent, self.id(), &other);
                 NodeEnd::AgentTaken(format!("agent {agent} serves build {other}"))
             }
-            Ok(AgentReply::SessionEnded { session }) if untaken => {
-                // Restarted since the directory last heard of it: nothing of the build ran
-                // there, so it is passed over like a taken agent.
+            Ok(AgentReply::SessionEnded { session }) if untaken && !may_have_started && asks == 1 => {
+                // Restarted since the directory last heard of it, before this one ask could
+                // reach it: nothing of the build ran there, so it is passed over like a
+                // taken agent.
                 self.engine.step_results.remove(&key);
                 self.engine.directory.answered(agent, &session);
                 NodeEnd::AgentTaken(format!("agent {agent} restarted before the step reached it"))
@@ -1372,25 +1415,38 @@ impl BuildDriver {
     /// Sends an idempotent command to an agent the build already depends on, asking again
     /// while the agent may still be alive: a NATS node failing over or the agent reconnecting
     /// loses requests for a few seconds, and that must not count as a lost agent. Gives up
-    /// once the agent has neither answered nor heartbeated for `agent_timeout` (at once for
-    /// an agent that was silent that long already).
+    /// once the agent has neither answered nor heartbeated for `agent_timeout`, counted from
+    /// its last sign of life, not from the first ask: an engine adopting a build after its
+    /// agent went silent must not add its own wait to the detection. It asks for at least as
+    /// long as one answer may take (a reconnect of its own delays heartbeats too), and gives
+    /// up after one ask on an agent that was silent that long already.
     async fn command_until_lost(&self, agent: &str, command: AgentCommand) -> Result<AgentReply, String> {
+        self.command_counting_asks(agent, command).await.0
+    }
+
+    /// [`Self::command_until_lost`], also telling how many times the agent was asked.
+    async fn command_counting_asks(
+        &self,
+        agent: &str,
+        command: AgentCommand,
+    ) -> (Result<AgentReply, String>, u32) {
         let agent_timeout = self.engine.config.engine.agent_timeout;
         let started = tokio::time::Instant::now();
         // An agent already silent for agent_timeout (declared lost) gets one try.
         let silent_already = !self.engine.directory.heard_within(agent, agent_timeout);
         let mut pause = Duration::from_millis(50);
+        let mut asks = 0;
         loop {
+            asks += 1;
             let error = match self.command(agent, command.clone()).await {
-                Ok(reply) => return Ok(reply),
+                Ok(reply) => return (Ok(reply), asks),
                 Err(error) => error,
             };
             let elapsed = started.elapsed();
             let heard_recently = self.engine.directory.heard_within(agent, agent_timeout);
-            if ((silent_already || elapsed >= agent_timeout) && !heard_recently)
-                || elapsed >= 3 * agent_timeout
-            {
-                return Err(error);
+            let asked_enough = elapsed >= AGENT_REPLY_TIMEOUT.min(agent_timeout / 2);
+            if ((silent_already || asked_enough) && !heard_recently) || elapsed >= 3 * agent_timeout {
+                return (Err(error), asks);
             }
             tracing::debug!(build = %self.id(), %agent, %error, "agent did not answer; asking again");
             tokio::time::sleep(pause).await;

@@ -327,6 +327,13 @@ impl Directory {
         }
     }
 
+    /// Counts `name` as the build's, without asking whether it is free: an earlier engine held
+    /// it for the build, which this engine adopted.
+    pub(crate) fn assign_adopted(&self, name: &str, build_id: &str) {
+        let mut state = self.lock();
+        self.assign(&mut state, name, build_id);
+    }
+
     /// Gives the build's agent back; a waiting build may take it at once.
     pub(crate) fn release(&self, name: &str, build_id: &str) {
         let mut state = self.lock();

@@ -102,6 +102,25 @@ impl Bus {
     /// Connects, refuses servers older than 2.11 or without JetStream, and provisions every
     /// stream, consumer and bucket (creating what is missing; whoever starts first creates).
     pub async fn connect(nats: &NatsConfig, engine: &EngineConfig, client_name: &str) -> Result<Bus, Error> {
+        Bus::connect_with(nats, engine, client_name, Provisioning::Create).await
+    }
+
+    /// Connects like [`Bus::connect`] but creates nothing: an agent may not provision the
+    /// bus, so it waits, however long, until a master has.
+    pub async fn connect_as_agent(
+        nats: &NatsConfig,
+        engine: &EngineConfig,
+        client_name: &str,
+    ) -> Result<Bus, Error> {
+        Bus::connect_with(nats, engine, client_name, Provisioning::WaitForMasters).await
+    }
+
+    async fn connect_with(
+        nats: &NatsConfig,
+        engine: &EngineConfig,
+        client_name: &str,
+        provisioning: Provisioning,
+    ) -> Result<Bus, Error> {
         let addresses = server_addresses(&nats.url)?;
         if addresses.is_empty() {
             return Err(Error::BadUrl(nats.url.clone()));
@@ -173,14 +192,17 @@ impl Bus {
             .backpressure_on_inflight(true)
             .build(client.clone());
         // A cluster that is still electing its JetStream leader refuses API calls for a few
-        // seconds; keep trying for a while before giving up.
+        // seconds; keep trying for a while before giving up. An agent waits for the masters
+        // as long as it takes, saying so now and then.
         let mut attempt = 0u32;
         let (agents, cancels, masters, leases, waits, pools) = loop {
-            match provision(&jetstream, nats, engine).await {
+            match provision(&jetstream, nats, engine, provisioning).await {
                 Ok(buckets) => break buckets,
-                Err(error) if attempt < 60 => {
+                Err(error) if attempt < 60 || provisioning == Provisioning::WaitForMasters => {
                     attempt += 1;
-                    tracing::warn!(%error, "JetStream not ready; retrying");
+                    if attempt % 20 == 1 {
+                        tracing::warn!(%error, "JetStream not ready; retrying");
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(error) => return Err(error),
@@ -462,15 +484,38 @@ impl Bus {
 /// waits, pools.
 type Buckets = (kv::Store, kv::Store, kv::Store, kv::Store, kv::Store, kv::Store);
 
-/// Creates every stream, consumer and bucket that is missing; returns the buckets.
+/// Whether connecting creates what is missing on the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Provisioning {
+    /// Masters (and tools) create every missing stream, consumer and bucket.
+    Create,
+    /// Agents, which may not create them, only look them up.
+    WaitForMasters,
+}
+
+/// Creates every stream, consumer and bucket that is missing (or, waiting for the masters,
+/// fails naming the first one missing); returns the buckets.
 async fn provision(
     jetstream: &jetstream::Context,
     nats: &NatsConfig,
     engine: &EngineConfig,
+    provisioning: Provisioning,
 ) -> Result<Buckets, Error> {
-    provision_streams(jetstream, nats.replicas, engine).await?;
+    if provisioning == Provisioning::WaitForMasters {
+        for name in subjects::STREAMS {
+            jetstream.get_stream(name).await.map_err(|e| {
+                Error::nats(
+                    format!("stream {name} is missing (the first master creates it)"),
+                    e,
+                )
+            })?;
+        }
+    } else {
+        provision_streams(jetstream, nats.replicas, engine).await?;
+    }
     let agents = get_or_create_bucket(
         jetstream,
+        provisioning,
         kv::Config {
             bucket: subjects::AGENTS_BUCKET.into(),
             description: "Registered agents by name".into(),
@@ -482,6 +527,7 @@ async fn provision(
     .await?;
     let cancels = get_or_create_bucket(
         jetstream,
+        provisioning,
         kv::Config {
             bucket: subjects::CANCELS_BUCKET.into(),
             description: "Cancel requests by build id".into(),
@@ -494,6 +540,7 @@ async fn provision(
     .await?;
     let masters = get_or_create_bucket(
         jetstream,
+        provisioning,
         kv::Config {
             bucket: subjects::MASTERS_BUCKET.into(),
             description: "Running masters by id".into(),
@@ -506,6 +553,7 @@ async fn provision(
     .await?;
     let leases = get_or_create_bucket(
         jetstream,
+        provisioning,
         kv::Config {
             bucket: subjects::LEASES_BUCKET.into(),
             description: "Scheduler leases; an unrenewed lease expires".into(),
@@ -518,6 +566,7 @@ async fn provision(
     .await?;
     let waits = get_or_create_bucket(
         jetstream,
+        provisioning,
         kv::Config {
             bucket: subjects::WAITS_BUCKET.into(),
             description: "Steps waiting for an agent; refreshed while they wait".into(),
@@ -530,6 +579,7 @@ async fn provision(
     .await?;
     let pools = get_or_create_bucket(
         jetstream,
+        provisioning,
         kv::Config {
             bucket: subjects::POOLS_BUCKET.into(),
             description: "Resource pools, their acquisitions and their queues".into(),
@@ -682,11 +732,20 @@ async fn provision_streams(
 /// create it; the loser's error makes the caller try again, and then it finds the bucket.
 async fn get_or_create_bucket(
     jetstream: &jetstream::Context,
+    provisioning: Provisioning,
     config: kv::Config,
 ) -> Result<kv::Store, Error> {
     let bucket = config.bucket.clone();
-    if let Ok(store) = jetstream.get_key_value(&bucket).await {
-        return Ok(store);
+    let found = jetstream.get_key_value(&bucket).await;
+    let missing = match found {
+        Ok(store) => return Ok(store),
+        Err(missing) => missing,
+    };
+    if provisioning == Provisioning::WaitForMasters {
+        return Err(Error::nats(
+            format!("bucket {bucket} is missing (the first master creates it)"),
+            missing,
+        ));
     }
     jetstream
         .create_key_value(config)

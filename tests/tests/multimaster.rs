@@ -261,7 +261,8 @@ async fn killing_an_engine_and_a_scheduler_loses_nothing_and_runs_nothing_twice(
 
 /// An engine and the agent running its build's step die together. The restarted agent has
 /// forgotten the step, so the engine adopting the build must not simply ask it to run the step
-/// again: the step's second run is a new attempt, recorded as a retry.
+/// again, nor hand it to another agent: the step's second run is a new attempt, recorded as a
+/// retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_that_died_with_its_engine_and_agent_runs_again_only_as_a_retry() {
     yard_tests::init_logging();
@@ -275,10 +276,13 @@ async fn a_step_that_died_with_its_engine_and_agent_runs_again_only_as_a_retry()
         executions(&deployment).contains_key(&step).then_some(())
     })
     .await;
+    // A faster idle agent, which the directory would pick for the adopted build.
+    deployment.agent_with_args("a2", "os=linux", &["--benchmark", "500"]);
+    ui.wait_agents(1).await;
     deployment.kill("engine-1");
     deployment.kill("a1");
     deployment.agent("a1", "os=linux");
-    ui.wait_agents(1).await;
+    ui.wait_agents(2).await;
     deployment.master("engine", "engine-2");
 
     let build = ui.wait_finished(&id, Duration::from_secs(120)).await;

@@ -268,12 +268,18 @@ async fn every_role_runs_as_its_own_user_without_a_permissions_violation() {
     set_env(&mut deployment, "engine-1", &secured.env("engine"));
     set_env(&mut deployment, "ui-1", &secured.env("ui"));
     set_env(&mut deployment, "a1", &secured.env("agent-a1"));
-    // The masters provision the bus; agents may not create streams or buckets.
-    deployment.master("scheduler", "sched-1");
-    deployment.master("engine", "engine-1");
-    let api = deployment.ui("ui-1");
-    api.wait_healthy().await;
+    // The masters provision the bus; agents may not create streams or buckets. An agent
+    // started first waits for them without trying to (the check at the end finds no
+    // refused STREAM.CREATE).
     deployment.agent("a1", "os=linux");
+    wait_until("the agent waiting for the masters", DEADLINE, || async {
+        deployment
+            .log_text("a1")
+            .contains("the first master creates it")
+            .then_some(())
+    })
+    .await;
+    let api = deployment.start_masters_and_agents(&["engine-1"], &[]).await;
     api.wait_agents(1).await;
 
     // A forced build (asked of the scheduler by the UI master) runs on the agent.
