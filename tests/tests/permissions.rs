@@ -378,23 +378,30 @@ async fn what_a_role_must_not_do_is_refused() {
     let (engine, mut engine_errors) = secured.client("engine").await;
     let agent_js = async_nats::jetstream::new(agent.clone());
 
-    // Its own work subject reaches the agent; its own record it may write.
+    // Its own work subject reaches the agent; its own record it may write. A flush does not
+    // wait for the server to register the subscription, so the engine says it until heard.
     let mut own = agent.subscribe("yard.agent.a1.cmd").await.expect("subscribe");
     agent.flush().await.expect("flush");
-    engine
-        .publish("yard.agent.a1.cmd", "ping".into())
-        .await
-        .expect("publish");
-    engine.flush().await.expect("flush");
-    let received = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut own))
-        .await
-        .unwrap_or_else(|_| {
-            let errors: Vec<String> = std::iter::from_fn(|| engine_errors.try_recv().ok())
-                .chain(std::iter::from_fn(|| agent_errors.try_recv().ok()))
-                .collect();
-            panic!("the agent did not hear its own work subject; server errors: {errors:?}")
-        })
-        .expect("a message");
+    let heard = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            engine
+                .publish("yard.agent.a1.cmd", "ping".into())
+                .await
+                .expect("publish");
+            engine.flush().await.expect("flush");
+            let next = futures::StreamExt::next(&mut own);
+            if let Ok(received) = tokio::time::timeout(Duration::from_millis(200), next).await {
+                break received.expect("a message");
+            }
+        }
+    })
+    .await;
+    let received = heard.unwrap_or_else(|_| {
+        let errors: Vec<String> = std::iter::from_fn(|| engine_errors.try_recv().ok())
+            .chain(std::iter::from_fn(|| agent_errors.try_recv().ok()))
+            .collect();
+        panic!("the agent did not hear its own work subject; server errors: {errors:?}")
+    });
     assert_eq!(received.payload.as_ref(), b"ping");
     agent_js
         .publish("$KV.yard-agents.a1", "record".into())
