@@ -1165,7 +1165,7 @@ impl BuildDriver {
             Err(problem) => {
                 let message = format!("{problem} (engine {}); the step did not run", self.engine.id);
                 self.log_note(index, message.clone()).await;
-                return self.engine_ended_step(index, message).await;
+                return self.end_step_with_exception(index, message).await;
             }
         };
         for (name, value) in &secrets {
@@ -1220,7 +1220,7 @@ impl BuildDriver {
         .await;
         if !self.flush_events().await {
             return self
-                .engine_ended_step(
+                .end_step_with_exception(
                     index,
                     format!(
                         "engine {} could not record the step's start, so it did not run",
@@ -1267,7 +1267,7 @@ impl BuildDriver {
                 match self.recorded_outcome(index).await {
                     Some(outcome) => NodeEnd::Done(outcome),
                     None => {
-                        self.engine_ended_step(
+                        self.end_step_with_exception(
                             index,
                             format!("agent {agent} ran the step but its result is missing"),
                         )
@@ -1291,7 +1291,7 @@ impl BuildDriver {
                 self.engine.step_results.remove(&key);
                 // The reason is the agent's text: it must not carry a secret into the events.
                 let reason = crate::secrets::redact(&reason, &secrets);
-                self.engine_ended_step(index, format!("agent {agent} refused the step: {reason}"))
+                self.end_step_with_exception(index, format!("agent {agent} refused the step: {reason}"))
                     .await
             }
             Err(error) => {
@@ -1303,7 +1303,7 @@ impl BuildDriver {
     }
 
     /// Records the end of a command step that no agent will report: an exception saying why.
-    async fn engine_ended_step(&self, index: u32, message: String) -> NodeEnd {
+    async fn end_step_with_exception(&self, index: u32, message: String) -> NodeEnd {
         self.engine_ends_step(index, exception(message)).await
     }
 

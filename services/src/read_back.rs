@@ -1,7 +1,13 @@
 //! Reading back every message stored under one subject filter (one build's events, one
 //! step's log) without creating a consumer: JetStream batch direct gets, which any replica
-//! may answer, completed from the stream leader when that replica is behind it, so that a read
-//! never returns a partial history.
+//! may answer, completed from the stream leader (asked for what follows the last message
+//! read, until it has nothing more), so that a replica behind it never yields a partial
+//! history.
+//!
+//! The leader is only ever asked for the next message after a sequence: the server finds
+//! that through its per-subject index. Asking it for the last message under a wildcard
+//! filter walks back every message block since that message, which on a long-lived stream
+//! turned every read of an older build into a scan.
 //!
 //! **Architecture Invariant:** a read creates nothing on the server. Consumers are a limited
 //! resource per stream (nats-server refuses more than its limit), and a reader killed halfway
@@ -57,21 +63,16 @@ pub async fn read_all(
         .get_stream_no_info(stream)
         .await
         .map_err(|error| ReadError::Leader(error.to_string()))?;
-    // The newest message as the leader knows it: the read must reach it.
-    let newest = match leader.get_last_raw_message_by_subject(filter).await {
-        Ok(message) => message.sequence,
-        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(Vec::new()),
-        Err(error) => return Err(ReadError::Leader(error.to_string())),
-    };
     let mut messages = Vec::new();
     if let Err(error) = read_from_any_replica(client, stream, filter, &mut messages).await {
         tracing::debug!(%stream, %filter, %error, "direct read incomplete; reading the rest from the leader");
     }
     // A replica behind the leader (a node catching up after a restart) misses the newest
-    // messages: the leader has them, one request each.
-    while let Some(from) = messages.last().map_or(Some(1), |last: &StoredMessage| {
-        (last.sequence < newest).then_some(last.sequence + 1)
-    }) {
+    // messages: the leader has them, one request each, and says when there are no more.
+    loop {
+        let from = messages
+            .last()
+            .map_or(1, |last: &StoredMessage| last.sequence + 1);
         let next = leader
             .raw_message_builder()
             .sequence(from)
@@ -84,7 +85,7 @@ pub async fn read_all(
                 sequence: message.sequence,
                 payload: message.payload,
             }),
-            // Removed meanwhile (age limit): what there is, is all there is.
+            // Nothing after it: the read is complete.
             Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => break,
             Err(error) => return Err(ReadError::Leader(error.to_string())),
         }
