@@ -164,17 +164,25 @@ fn executions(deployment: &Deployment) -> BTreeMap<String, usize> {
 async fn finished_events(nats_url: &str) -> BTreeMap<String, usize> {
     let client = async_nats::connect(nats_url).await.expect("nats");
     let jetstream = async_nats::jetstream::new(client);
-    let stream = jetstream
-        .get_stream(bus_schema::subjects::EVENTS_STREAM)
-        .await
-        .expect("events stream");
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: "yard.event.*.finished".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
+    // The cluster may still be electing leaders after the last kill: ask until it answers.
+    let consumer = wait_until(
+        "a consumer of finished events",
+        Duration::from_secs(60),
+        || async {
+            let stream = jetstream
+                .get_stream(bus_schema::subjects::EVENTS_STREAM)
+                .await
+                .ok()?;
+            stream
+                .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: "yard.event.*.finished".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()
+        },
+    )
+    .await;
     let mut messages = consumer.messages().await.expect("messages");
     let mut counts = BTreeMap::new();
     loop {
