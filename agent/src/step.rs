@@ -9,10 +9,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus_schema::{subjects, BuildEventKind, LogChunk, LogLine, LogStream, StepAssignment, StepResult};
+use bus_schema::{
+    subjects, BuildEventKind, LogChunk, LogLine, LogStream, StepAssignment, StepResult, Timestamp,
+};
 use bytes::Bytes;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use services::time::now;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +45,9 @@ pub(crate) struct StepEnd {
     attempt: u32,
     index: u32,
     outcome: Outcome,
+    /// When the step ended here, before the agent let go of its build: the recorded end, so
+    /// that no later start on this machine can be recorded ahead of it.
+    ended_at: Timestamp,
 }
 
 impl StepEnd {
@@ -55,7 +61,7 @@ impl StepEnd {
             exit_code: self.outcome.exit_code,
             message: self.outcome.message,
         };
-        if !store_until_stored(agent, &self.build_id, self.index, finished).await {
+        if !store_until_stored(agent, &self.build_id, self.index, self.ended_at, finished).await {
             tracing::error!(build = %self.build_id, index = self.index, "step result could not be stored; the engine will see the step as lost");
         }
     }
@@ -80,6 +86,7 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
             attempt,
             index,
             outcome,
+            ended_at: now(),
         };
     }
     let masker = Arc::new(Masker::new(&assignment.masked));
@@ -102,6 +109,7 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
         attempt,
         index,
         outcome,
+        ended_at: now(),
     }
 }
 
@@ -429,10 +437,16 @@ async fn chunk_stored(ack: Option<async_nats::jetstream::context::PublishAckFutu
 
 /// Stores a step event, retrying with backoff (about a minute and a half in all) through a
 /// NATS node failing over; false if JetStream never took it.
-async fn store_until_stored(agent: &Agent, build_id: &str, index: u32, kind: BuildEventKind) -> bool {
+async fn store_until_stored(
+    agent: &Agent,
+    build_id: &str,
+    index: u32,
+    at: Timestamp,
+    kind: BuildEventKind,
+) -> bool {
     let mut delay = Duration::from_millis(50);
     for try_number in 1..=20 {
-        match agent.bus.store_event(build_id, kind.clone()).await {
+        match agent.bus.store_event_at(build_id, at, kind.clone()).await {
             Ok(_) => return true,
             Err(error) => {
                 let event = kind.subject_kind();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use async_nats::{HeaderMap, ServerAddr};
-use bus_schema::{subjects, BuildEvent, BuildEventKind, BuildRequest, Change};
+use bus_schema::{subjects, BuildEvent, BuildEventKind, BuildRequest, Change, Timestamp};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
@@ -227,9 +227,19 @@ impl Bus {
         build_id: &str,
         kind: BuildEventKind,
     ) -> Result<jetstream::context::PublishAckFuture, Error> {
+        self.publish_event_at(build_id, now(), kind).await
+    }
+
+    /// [`Bus::publish_event`] for an event that happened at `at` rather than now.
+    async fn publish_event_at(
+        &self,
+        build_id: &str,
+        at: Timestamp,
+        kind: BuildEventKind,
+    ) -> Result<jetstream::context::PublishAckFuture, Error> {
         self.publish_built_event(&BuildEvent {
             build_id: build_id.to_owned(),
-            at: now(),
+            at,
             kind,
         })
         .await
@@ -297,7 +307,18 @@ impl Bus {
     /// carry a message id (`BuildEventKind::once_per_build_id`), so publishing one again after
     /// a lost ack (or a second engine finishing an adopted build) stores it once.
     pub async fn store_event(&self, build_id: &str, kind: BuildEventKind) -> Result<u64, Error> {
-        let ack = self.publish_event(build_id, kind).await?;
+        self.store_event_at(build_id, now(), kind).await
+    }
+
+    /// [`Bus::store_event`] for an event that happened at `at`: an agent reports a step's end
+    /// with the time the step ended, however long storing it takes.
+    pub async fn store_event_at(
+        &self,
+        build_id: &str,
+        at: Timestamp,
+        kind: BuildEventKind,
+    ) -> Result<u64, Error> {
+        let ack = self.publish_event_at(build_id, at, kind).await?;
         let ack = ack.await.map_err(|e| Error::nats("storing a build event", e))?;
         Ok(ack.sequence)
     }

@@ -225,7 +225,7 @@ async fn one_agent_serves_two_deployments_one_build_at_a_time() {
     let blue_finished = blue_done["steps"][0]["finished_at"].as_str().unwrap().to_owned();
     assert!(
         blue_started < green_started && blue_finished <= green_started,
-        "one build at a time"
+        "one build at a time: blue ran {blue_started}..{blue_finished}, green started {green_started}"
     );
 
     // Each deployment's files live under its own instance directory.
