@@ -31,6 +31,8 @@ pub struct NatsServer {
     child: Child,
     url: String,
     port: u16,
+    /// The monitoring endpoint (`/healthz`, `/jsz`) of a cluster node.
+    monitoring_url: Option<String>,
     data_dir: PathBuf,
     binary: PathBuf,
     /// The configuration file of a cluster node, which a restart reuses.
@@ -117,7 +119,7 @@ impl NatsServer {
                 source,
             })?;
             let config = format!(
-                "server_name: n{node}\nlisten: 127.0.0.1:{client}\njetstream {{ store_dir: \"{store}\" }}\ncluster {{\n  name: yard\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n  no_advertise: true\n}}\n",
+                "server_name: n{node}\nlisten: 127.0.0.1:{client}\nhttp: \"127.0.0.1:-1\"\njetstream {{ store_dir: \"{store}\" }}\ncluster {{\n  name: yard\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n  no_advertise: true\n}}\n",
                 client = client_ports[node],
                 store = node_dir.join("jetstream").display(),
                 route = route_ports[node],
@@ -186,18 +188,18 @@ impl NatsServer {
             child,
             url: String::new(),
             port: 0,
+            monitoring_url: None,
             data_dir: data_dir.to_owned(),
             binary: binary.to_owned(),
             config_file,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Some(url) = std::fs::read_to_string(&ports_file)
-                .ok()
-                .and_then(|text| client_url(&text))
-            {
+            let ports = std::fs::read_to_string(&ports_file).unwrap_or_default();
+            if let Some(url) = client_url(&ports) {
                 server.port = url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
                 server.url = url;
+                server.monitoring_url = monitoring_url(&ports);
                 return Ok(server);
             }
             if let Ok(Some(_)) = server.child.try_wait() {
@@ -216,6 +218,11 @@ impl NatsServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The monitoring endpoint of a cluster node (its port changes with each restart).
+    pub fn monitoring_url(&self) -> Option<&str> {
+        self.monitoring_url.as_deref()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -267,8 +274,17 @@ impl Drop for NatsServer {
 
 /// Extracts the first client URL from a ports file: `{"nats":["nats://127.0.0.1:PORT"],...}`.
 fn client_url(ports_file: &str) -> Option<String> {
+    first_url(ports_file, "nats")
+}
+
+/// Extracts the monitoring URL from a ports file, if the server has one.
+fn monitoring_url(ports_file: &str) -> Option<String> {
+    first_url(ports_file, "monitoring")
+}
+
+fn first_url(ports_file: &str, listener: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_str(ports_file).ok()?;
-    value.get("nats")?.get(0)?.as_str().map(str::to_owned)
+    value.get(listener)?.get(0)?.as_str().map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -279,6 +295,9 @@ mod tests {
     fn reads_the_ports_file() {
         let text = r#"{"nats":["nats://127.0.0.1:40123"],"monitoring":[]}"#;
         assert_eq!(client_url(text).as_deref(), Some("nats://127.0.0.1:40123"));
+        assert_eq!(monitoring_url(text), None);
         assert_eq!(client_url("{"), None);
+        let text = r#"{"nats":["nats://127.0.0.1:40123"],"monitoring":["http://127.0.0.1:40124"]}"#;
+        assert_eq!(monitoring_url(text).as_deref(), Some("http://127.0.0.1:40124"));
     }
 }

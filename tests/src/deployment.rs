@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::api::Api;
 use crate::process::YardProcess;
@@ -103,6 +104,37 @@ impl Deployment {
             .map(|server| server.url().to_owned())
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Waits until every node of the cluster says it is healthy: JetStream up and every
+    /// stream and consumer current (a restarted node has caught up). Killing a node before
+    /// then takes down a second copy of what the cluster is still restoring.
+    pub async fn wait_nats_current(&self, deadline: Duration) {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("http client");
+        let health: Vec<String> = self
+            .nats
+            .iter()
+            .filter_map(|node| node.monitoring_url())
+            .map(|url| format!("{url}/healthz"))
+            .collect();
+        assert_eq!(health.len(), self.nats.len(), "every node has a monitoring port");
+        crate::wait_until("every NATS node current", deadline, || async {
+            for url in &health {
+                let healthy = http
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|response| response.status().is_success());
+                if !healthy {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
