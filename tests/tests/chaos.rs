@@ -89,8 +89,6 @@ impl Dice {
     }
 }
 
-/// Posts changes to whichever UI master answers, one every `every`, until `stop`; returns the
-/// ids of the changes accepted (202: stored).
 /// Changes the load got accepted (their ids), and the revisions of changes whose answer never
 /// came (a UI master killed mid-request, an ack that timed out): those may have been stored
 /// too, so each may have a build besides the accepted change the load retried for it.
@@ -99,6 +97,8 @@ struct Load {
     in_doubt: BTreeSet<String>,
 }
 
+/// Posts changes to whichever UI master answers, one every `every`, until `stop`, retrying a
+/// change on the next UI master until one accepts it (202: stored).
 async fn post_changes(uis: Arc<Mutex<Vec<String>>>, every: Duration, stop: Arc<AtomicBool>) -> Load {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
