@@ -60,6 +60,9 @@ pub struct Settings {
     /// Report every step a success at once instead of running it (simulated agents of
     /// `yard bench`, which measure Yardmaster rather than the commands).
     pub simulate: bool,
+    /// Told the build id of every step the moment it starts here: `yard bench` times
+    /// dispatch to this instant on its in-process agents.
+    pub step_started: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 impl Settings {
@@ -78,6 +81,7 @@ impl Settings {
             protocol: bus_schema::PROTOCOL_VERSION,
             toolkit_cache_bytes: agent.toolkit_cache_bytes,
             simulate: false,
+            step_started: None,
         }
     }
 }

@@ -147,6 +147,7 @@ impl Cluster {
             protocol: bus_schema::PROTOCOL_VERSION,
             toolkit_cache_bytes: self.config.agent.toolkit_cache_bytes,
             simulate: false,
+            step_started: None,
         };
         let shutdown = self.agents_shutdown.clone();
         self.agent_tasks.push(tokio::spawn(async move {

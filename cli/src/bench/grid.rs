@@ -20,6 +20,7 @@ use anyhow::{bail, Context};
 use bus_schema::BuildRequest;
 use futures::StreamExt;
 use services::Bus;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{quantiles, round, Nats, BENCH_CONFIG};
@@ -60,6 +61,11 @@ pub(super) struct Grid {
     engine_tasks: Vec<tokio::task::JoinHandle<()>>,
     agent_tasks: Vec<tokio::task::JoinHandle<()>>,
     processes: Vec<Child>,
+    /// Every simulated agent tells this the build id of each step it starts.
+    step_started_tx: mpsc::UnboundedSender<String>,
+    /// Build ids of steps as the simulated agents start them (the instant a step starts on
+    /// its agent, with no write or delivery between).
+    step_started: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
 }
 
 impl Grid {
@@ -67,6 +73,7 @@ impl Grid {
     pub(super) async fn new(config: &str) -> anyhow::Result<Grid> {
         let nats = Nats::start(config)?;
         let bus = nats.connect("yard-bench").await?;
+        let (step_started_tx, step_started) = mpsc::unbounded_channel();
         Ok(Grid {
             nats,
             bus,
@@ -75,6 +82,8 @@ impl Grid {
             engine_tasks: Vec::new(),
             agent_tasks: Vec::new(),
             processes: Vec::new(),
+            step_started_tx,
+            step_started: tokio::sync::Mutex::new(step_started),
         })
     }
 
@@ -147,6 +156,7 @@ impl Grid {
             settings.workdir = self.nats.data.path().join("agents");
             settings.benchmark = Some(100);
             settings.simulate = simulate;
+            settings.step_started = Some(self.step_started_tx.clone());
             let stop = self.agents_shutdown.clone();
             self.agent_tasks.push(tokio::spawn(async move {
                 if let Err(error) = agent::run(settings, agent_bus, stop).await {
@@ -196,13 +206,6 @@ impl Grid {
     }
 
     /// Every build event of `kind` from now on.
-    /// When simulated agents start steps. The engine stores a step's start before it asks the
-    /// agent, so that event comes too early; a simulated step ends the moment it starts, and
-    /// its end, stored by the agent, is the start plus that one write.
-    async fn step_starts(&self) -> anyhow::Result<async_nats::Subscriber> {
-        self.events("step_finished").await
-    }
-
     async fn events(&self, kind: &str) -> anyhow::Result<async_nats::Subscriber> {
         self.bus
             .client
@@ -338,7 +341,7 @@ pub async fn latency(options: GridOptions) -> anyhow::Result<serde_json::Value> 
 /// Milliseconds from storing each build's request to its step starting, one build at a time
 /// (each finishes before the next is requested).
 async fn dispatch_one_at_a_time(grid: &Grid, builds: usize) -> anyhow::Result<Vec<f64>> {
-    let mut started_steps = grid.step_starts().await?;
+    let mut started_steps = grid.step_started.lock().await;
     let mut finished = grid.events("finished").await?;
     let mut latencies = Vec::with_capacity(builds);
     for number in 0..builds {
@@ -346,12 +349,12 @@ async fn dispatch_one_at_a_time(grid: &Grid, builds: usize) -> anyhow::Result<Ve
         let sent = Instant::now();
         grid.bus.store_build_request(&request).await?;
         loop {
-            let message = tokio::time::timeout(Duration::from_secs(30), started_steps.next())
+            let started = tokio::time::timeout(Duration::from_secs(30), started_steps.recv())
                 .await
                 .ok()
                 .flatten()
                 .with_context(|| format!("build {number} did not start"))?;
-            if build_of(&message.subject) == Some(request.build_id.as_str()) {
+            if started == request.build_id {
                 break;
             }
         }
@@ -377,7 +380,7 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
     if !(rate > 0.0 && rate.is_finite()) {
         bail!("--rate must be a positive number of builds per second");
     }
-    let mut started_steps = grid.step_starts().await?;
+    let mut started_steps = grid.step_started.lock().await;
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
     let submitter = {
         let (bus, sent) = (grid.bus.clone(), Arc::clone(&sent));
@@ -403,16 +406,15 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
     };
     let mut latencies = Vec::with_capacity(builds);
     while latencies.len() < builds {
-        let message = tokio::time::timeout(Duration::from_secs(30), started_steps.next())
+        let started = tokio::time::timeout(Duration::from_secs(30), started_steps.recv())
             .await
             .ok()
             .flatten()
             .with_context(|| format!("only {} of {builds} builds started", latencies.len()))?;
-        let at = build_of(&message.subject).and_then(|build| {
-            sent.lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .remove(build)
-        });
+        let at = sent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&started);
         if let Some(at) = at {
             latencies.push(at.elapsed().as_secs_f64() * 1000.0);
         }
@@ -516,11 +518,10 @@ pub async fn backlog(options: BacklogOptions) -> anyhow::Result<serde_json::Valu
     let storing = Instant::now();
     grid.store_requests(options.builds, 512).await?;
     let store_s = storing.elapsed().as_secs_f64();
-    let mut started_steps = grid.step_starts().await?;
     let mut finished = grid.events("finished").await?;
     let restart = Instant::now();
     grid.spawn_yard(&masters)?;
-    tokio::time::timeout(Duration::from_secs(300), started_steps.next())
+    tokio::time::timeout(Duration::from_secs(300), grid.step_started.lock().await.recv())
         .await
         .ok()
         .flatten()
