@@ -349,19 +349,43 @@ impl Bus {
         Ok(event_ack.sequence)
     }
 
-    /// Stores a change (deduplicated on its id) and waits until JetStream has it.
-    pub async fn store_change(&self, change: &Change) -> Result<(), Error> {
+    /// Stores a change and waits until JetStream has it; returns the id of the change stored.
+    ///
+    /// A change is deduplicated on its id, or on `delivery` when the submission names itself
+    /// (an API client's `Idempotency-Key`, a webhook's delivery id): the same delivery again
+    /// within the stream's duplicate window ([`DEDUP_WINDOW`]) stores nothing and returns the
+    /// id of the change stored the first time, so a client retrying after a lost answer, on
+    /// any UI master, gets one change and one build.
+    pub async fn store_change(&self, change: &Change, delivery: Option<&str>) -> Result<String, Error> {
+        let message_id = match delivery {
+            Some(delivery) => format!("delivery-{delivery}"),
+            None => change.id.clone(),
+        };
         let ack = self
             .jetstream
             .publish_with_headers(
                 subjects::change(&change.id),
-                dedup_headers(&change.id),
+                dedup_headers(&message_id),
                 Bytes::from(bus_schema::encode(change)),
             )
             .await
             .map_err(|e| Error::nats("publishing a change", e))?;
-        ack.await.map_err(|e| Error::nats("storing a change", e))?;
-        Ok(())
+        let ack = ack.await.map_err(|e| Error::nats("storing a change", e))?;
+        if !ack.duplicate || delivery.is_none() {
+            return Ok(change.id.clone());
+        }
+        // A duplicate's ack carries the sequence of the message stored first.
+        let first = self
+            .jetstream
+            .get_stream_no_info(subjects::CHANGES_STREAM)
+            .await
+            .map_err(|e| Error::nats("opening the changes stream", e))?
+            .get_raw_message(ack.sequence)
+            .await
+            .map_err(|e| Error::nats("reading the change stored first", e))?;
+        let first: Change = bus_schema::decode(&first.payload)
+            .map_err(|e| Error::nats("decoding the change stored first", e))?;
+        Ok(first.id)
     }
 
     /// Parks a copy of a message that `role` rejected (undecodable, or larger than
@@ -646,6 +670,10 @@ fn header_value(text: &str) -> String {
         .collect()
 }
 
+/// How long JetStream remembers message ids: a message published again with the same id
+/// within this window is stored once.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(600);
+
 fn dedup_headers(id: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", id);
@@ -657,7 +685,7 @@ async fn provision_streams(
     replicas: usize,
     engine: &EngineConfig,
 ) -> Result<(), Error> {
-    let dedup_window = Duration::from_secs(600);
+    let dedup_window = DEDUP_WINDOW;
     let streams = [
         stream::Config {
             name: subjects::CHANGES_STREAM.into(),

@@ -325,6 +325,8 @@ pub fn permissions(role: &Role) -> Option<Permissions> {
                 // Changes (API and hooks), forced builds (through the schedulers), cancels,
                 // pool definitions and drain requests.
                 .publish(subjects::CHANGES_ALL)
+                // The change stored first under a delivery key that came again.
+                .api(format_args!("STREAM.MSG.GET.{CHANGES_STREAM}"))
                 // The schedulers' durable consumers, created before changes are accepted.
                 .api(format_args!("CONSUMER.CREATE.{CHANGES_STREAM}.>"))
                 .api(format_args!("CONSUMER.INFO.{CHANGES_STREAM}.*"))

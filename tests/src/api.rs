@@ -74,6 +74,19 @@ impl Api {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// POST with an `Idempotency-Key` header: the same key again is the same submission.
+    pub async fn post_with_key(&self, path: &str, body: Value, key: &str) -> (u16, Value) {
+        let response = self
+            .authorized(self.http.post(self.url(path)))
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn put_json(&self, path: &str, body: Value) -> (u16, Value) {
         let response = self
             .authorized(self.http.put(self.url(path)))

@@ -90,8 +90,9 @@ impl Dice {
 }
 
 /// Changes the load got accepted (their ids), and the revisions of changes whose answer never
-/// came (a UI master killed mid-request, an ack that timed out): those may have been stored
-/// too, so each may have a build besides the accepted change the load retried for it.
+/// came (a UI master killed mid-request, an ack that timed out): those may have been stored.
+/// Every post of a revision carries the revision as its `Idempotency-Key`, so a retry of one
+/// in doubt is the same change, and no revision has two builds.
 struct Load {
     accepted: BTreeSet<String>,
     in_doubt: BTreeSet<String>,
@@ -119,6 +120,7 @@ async fn post_changes(uis: Arc<Mutex<Vec<String>>>, every: Duration, stop: Arc<A
         {
             let response = http
                 .post(format!("{base}/api/v1/changes"))
+                .header("idempotency-key", &revision)
                 .json(&json!({ "branch": "main", "revision": revision, "repository": "repo" }))
                 .send()
                 .await;
@@ -514,6 +516,16 @@ async fn kills_and_a_network_cut_under_load_lose_nothing_and_run_nothing_twice()
     assert!(
         unbuilt.is_empty(),
         "accepted changes without a build: {unbuilt:?}"
+    );
+    let revisions: Vec<&str> = builds
+        .iter()
+        .filter_map(|build| build["changes"][0]["revision"].as_str())
+        .collect();
+    let distinct_revisions: BTreeSet<&str> = revisions.iter().copied().collect();
+    assert_eq!(
+        revisions.len(),
+        distinct_revisions.len(),
+        "no revision built twice: a post retried with its Idempotency-Key is the same change"
     );
     // A build of a change the load never got accepted is one whose answer was lost.
     for build in &builds {

@@ -63,10 +63,19 @@ async fn github_pushes_are_verified_stored_and_built() {
     let headers = [
         ("x-github-event", "push"),
         ("x-hub-signature-256", signature.as_str()),
+        ("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
     ];
     let (status, answer) = deliver(&cluster, "/hooks/github", &headers, body.clone()).await;
     assert_eq!(status, 202, "{answer}");
     let change = answer["id"].as_str().unwrap().to_owned();
+    // GitHub redelivers (after a timeout, or by hand) with the same delivery id: the same
+    // change, stored once.
+    let (status, again) = deliver(&cluster, "/hooks/github", &headers, body.clone()).await;
+    assert_eq!(
+        (status, again["id"].as_str()),
+        (202, Some(change.as_str())),
+        "{again}"
+    );
     let build = wait_until("the push's build", Duration::from_secs(30), || async {
         let (_, body) = cluster.api.get(&format!("/api/v1/builds?change={change}")).await;
         body["builds"].as_array()?.first().cloned()

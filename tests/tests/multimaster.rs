@@ -48,7 +48,9 @@ builders = ["work", "slow"]
 "#;
 
 /// Posts `count` changes on main through the given UIs (round robin), retrying answers that
-/// say nothing was stored (503 while NATS elects a leader). Returns the accepted change ids.
+/// say nothing was confirmed stored (503 while NATS elects a leader) with the same
+/// `Idempotency-Key`, so a retry of a change that was stored after all is that change.
+/// Returns the accepted change ids.
 async fn post_changes(uis: &[Api], count: usize) -> BTreeSet<String> {
     futures::stream::iter(0..count)
         .map(|n| {
@@ -56,9 +58,10 @@ async fn post_changes(uis: &[Api], count: usize) -> BTreeSet<String> {
             async move {
                 wait_until("a change to be accepted", Duration::from_secs(60), || async {
                     let (status, body) = api
-                        .post(
+                        .post_with_key(
                             "/api/v1/changes",
                             json!({ "branch": "main", "revision": format!("rev-{n}"), "repository": "repo" }),
+                            &format!("rev-{n}"),
                         )
                         .await;
                     if status == 202 {
@@ -605,4 +608,62 @@ async fn changes_accepted_before_any_scheduler_ran_are_built() {
         .map(|build| build["changes"][0]["id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(built, changes);
+}
+
+/// A change posted again with the same `Idempotency-Key`, to the same or another UI master,
+/// is the change stored first: one change, one build. Another key, or none, is another change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_posted_again_with_its_idempotency_key_is_one_change() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    deployment.master("scheduler", "sched-1");
+    deployment.master("engine", "engine-1");
+    let uis = [deployment.ui("ui-1"), deployment.ui("ui-2")];
+    deployment.agent("a1", "os=linux");
+    for api in &uis {
+        api.wait_healthy().await;
+    }
+    let change = json!({ "branch": "main", "revision": "once", "repository": "repo" });
+    let mut answers = Vec::new();
+    for api in [&uis[0], &uis[1], &uis[0]] {
+        let (status, body) = api
+            .post_with_key("/api/v1/changes", change.clone(), "deploy-42")
+            .await;
+        assert_eq!(status, 202, "{body}");
+        answers.push(body["id"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        answers.iter().all(|id| *id == answers[0]),
+        "every answer names the change stored first: {answers:?}"
+    );
+    let (status, other_key) = uis[1]
+        .post_with_key("/api/v1/changes", change.clone(), "deploy-43")
+        .await;
+    assert_eq!(status, 202, "{other_key}");
+    let (status, no_key) = uis[1].post("/api/v1/changes", change.clone()).await;
+    assert_eq!(status, 202, "{no_key}");
+    let changes: BTreeSet<String> = [
+        answers[0].clone(),
+        other_key["id"].as_str().unwrap().to_owned(),
+        no_key["id"].as_str().unwrap().to_owned(),
+    ]
+    .into();
+    assert_eq!(changes.len(), 3, "{changes:?}");
+    let builds = wait_all_finished(&uis[0], 3, Duration::from_secs(60)).await;
+    let built: Vec<String> = builds
+        .iter()
+        .map(|build| build["changes"][0]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(built.len(), 3, "one build per change: {built:?}");
+    assert_eq!(built.into_iter().collect::<BTreeSet<_>>(), changes);
+
+    // A key that cannot be one is refused, naming the header, and stores nothing.
+    let (status, body) = uis[0]
+        .post_with_key("/api/v1/changes", change.clone(), "two words")
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("Idempotency-Key"),
+        "{body}"
+    );
 }

@@ -291,15 +291,20 @@ async fn every_role_runs_as_its_own_user_without_a_permissions_violation() {
     // The UI master writes view snapshots (every second) to its object store.
     let first_snapshot = snapshot_sequence_above(&api, 0).await;
 
-    // A change: stored by the UI master, turned into a build by the scheduler.
-    let (status, change) = api
-        .post(
-            "/api/v1/changes",
-            json!({ "repository": "r", "branch": "main", "revision": "c0ffee", "author": "me" }),
-        )
+    // A change: stored by the UI master, turned into a build by the scheduler. Posted again
+    // with its idempotency key, the UI master reads back the change stored first.
+    let change = json!({ "repository": "r", "branch": "main", "revision": "c0ffee", "author": "me" });
+    let (status, first) = api
+        .post_with_key("/api/v1/changes", change.clone(), "c0ffee")
         .await;
-    assert_eq!(status, 202, "{change}");
-    let change_id = change["id"].as_str().expect("change id").to_owned();
+    assert_eq!(status, 202, "{first}");
+    let change_id = first["id"].as_str().expect("change id").to_owned();
+    let (status, again) = api.post_with_key("/api/v1/changes", change, "c0ffee").await;
+    assert_eq!(
+        (status, again["id"].as_str()),
+        (202, Some(change_id.as_str())),
+        "{again}"
+    );
     let from_change = wait_until("the change's build", DEADLINE, || async {
         let (_, body) = api.get(&format!("/api/v1/builds?change={change_id}")).await;
         body["builds"][0]["id"].as_str().map(str::to_owned)

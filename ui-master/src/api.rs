@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -212,7 +212,14 @@ pub struct ChangeBody {
     pub project: String,
 }
 
-async fn post_change(State(state): State<Arc<AppState>>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+/// `POST /api/v1/changes`. With an `Idempotency-Key` header, the same key again within the
+/// bus's duplicate window stores nothing and answers the first change's id.
+async fn post_change(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let delivery = crate::hooks::delivery_key(&headers, "Idempotency-Key", "api")?;
     let body: ChangeBody = parse_body(&body)?;
     if body.branch.trim().is_empty() {
         return Err(ApiError::BadRequest("a change needs a `branch`".into()));
@@ -229,8 +236,8 @@ async fn post_change(State(state): State<Arc<AppState>>, body: Bytes) -> Result<
         source: "api".into(),
         received_at: now(),
     };
-    state.bus.store_change(&change).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "id": change.id }))))
+    let id = state.bus.store_change(&change, delivery.as_deref()).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -54,6 +54,30 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
+/// The longest delivery key (`Idempotency-Key`, a webhook's delivery id) accepted.
+const MAX_DELIVERY_KEY: usize = 200;
+
+/// The key a submission names itself by, from header `name`, scoped to `source` so that keys
+/// of different senders never meet: a second submission with the same key is the same change
+/// (see `Bus::store_change`). `None` without the header; an error naming the header when its
+/// value is not 1 to 200 printable ASCII characters without spaces.
+pub(crate) fn delivery_key(
+    headers: &HeaderMap,
+    name: &str,
+    source: &str,
+) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    let key = value.as_bytes();
+    if key.is_empty() || key.len() > MAX_DELIVERY_KEY || !key.iter().all(u8::is_ascii_graphic) {
+        return Err(ApiError::BadRequest(format!(
+            "{name} must be 1 to {MAX_DELIVERY_KEY} printable ASCII characters without spaces"
+        )));
+    }
+    Ok(Some(format!("{source}:{}", String::from_utf8_lossy(key))))
+}
+
 fn malformed(error: serde_json::Error) -> ApiError {
     ApiError::BadRequest(format!("malformed hook payload: {error}"))
 }
@@ -327,12 +351,17 @@ pub fn gitea_outcome(event: &str, body: &[u8]) -> Result<HookOutcome, ApiError> 
     }
 }
 
-/// Stores the change a hook carried, or says why there was none.
-async fn answer(state: &AppState, outcome: HookOutcome) -> Result<impl IntoResponse, ApiError> {
+/// Stores the change a hook carried, or says why there was none. `delivery` is the provider's
+/// id of this delivery: a redelivery of it stores nothing and answers the first change's id.
+async fn answer(
+    state: &AppState,
+    outcome: HookOutcome,
+    delivery: Option<String>,
+) -> Result<impl IntoResponse, ApiError> {
     match outcome {
         HookOutcome::Change(change) => {
-            state.bus.store_change(&change).await?;
-            Ok((StatusCode::ACCEPTED, Json(json!({ "id": change.id }))))
+            let id = state.bus.store_change(&change, delivery.as_deref()).await?;
+            Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
         }
         HookOutcome::Ignored(reason) => Ok((StatusCode::OK, Json(json!({ "ignored": reason })))),
     }
@@ -358,7 +387,8 @@ async fn github(
         return Err(unauthorized("X-Hub-Signature-256 does not match the body"));
     }
     let event = header(&headers, "x-github-event").unwrap_or_default();
-    answer(&state, github_outcome(event, &body)?).await
+    let delivery = delivery_key(&headers, "X-GitHub-Delivery", "github")?;
+    answer(&state, github_outcome(event, &body)?, delivery).await
 }
 
 async fn gitea(
@@ -377,7 +407,8 @@ async fn gitea(
         return Err(unauthorized("X-Gitea-Signature does not match the body"));
     }
     let event = header(&headers, "x-gitea-event").unwrap_or_default();
-    answer(&state, gitea_outcome(event, &body)?).await
+    let delivery = delivery_key(&headers, "X-Gitea-Delivery", "gitea")?;
+    answer(&state, gitea_outcome(event, &body)?, delivery).await
 }
 
 async fn gitlab(
@@ -401,12 +432,36 @@ async fn gitlab(
         return Err(unauthorized("X-Gitlab-Token is wrong"));
     }
     let event = header(&headers, "x-gitlab-event").unwrap_or_default();
-    answer(&state, gitlab_outcome(event, &body)?).await
+    let delivery = delivery_key(&headers, "X-Gitlab-Event-UUID", "gitlab")?;
+    answer(&state, gitlab_outcome(event, &body)?, delivery).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_keys_are_scoped_to_their_source_and_checked() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            delivery_key(&headers, "X-GitHub-Delivery", "github").unwrap(),
+            None
+        );
+        headers.insert("x-github-delivery", "72d3162e-cc78".parse().unwrap());
+        assert_eq!(
+            delivery_key(&headers, "X-GitHub-Delivery", "github").unwrap(),
+            Some("github:72d3162e-cc78".into())
+        );
+        for bad in ["two words", "", &"k".repeat(MAX_DELIVERY_KEY + 1)] {
+            headers.insert("idempotency-key", bad.parse().unwrap());
+            let error = delivery_key(&headers, "Idempotency-Key", "api").unwrap_err();
+            assert!(error.to_string().contains("Idempotency-Key"), "{error}");
+        }
+        headers.insert("idempotency-key", "k".repeat(MAX_DELIVERY_KEY).parse().unwrap());
+        assert!(delivery_key(&headers, "Idempotency-Key", "api")
+            .unwrap()
+            .is_some());
+    }
 
     fn fixture() -> Vec<u8> {
         let path = concat!(
