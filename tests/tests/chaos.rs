@@ -205,7 +205,12 @@ async fn finished_events(nats_url: &str) -> BTreeMap<String, usize> {
         let message = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
             Ok(Some(Ok(message))) => message,
             Ok(None) => break,
-            Ok(Some(Err(_))) | Err(_) => continue,
+            Err(_) => continue,
+            Ok(Some(Err(_))) => {
+                // Errors may come back to back while the consumer recreates itself.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let build = message.subject.split('.').nth(2).unwrap_or_default().to_owned();
         *counts.entry(build).or_insert(0) += 1;
