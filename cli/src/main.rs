@@ -125,14 +125,14 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         agents: usize,
     },
-    /// Build request stored to step started: p50, p99, max; one build at a time on idle
-    /// agents, or with requests arriving at --rate per second.
+    /// Change accepted to step started (through a scheduler and an engine): p50, p99, max;
+    /// one build at a time on idle agents, or with changes arriving at --rate per second.
     Latency {
         #[arg(long, default_value_t = 500)]
         builds: usize,
         #[arg(long, default_value_t = 4)]
         agents: usize,
-        /// Builds requested per second, whether or not earlier ones have started.
+        /// Changes stored per second, whether or not earlier builds have started.
         #[arg(long)]
         rate: Option<f64>,
     },

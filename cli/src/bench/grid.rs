@@ -1,10 +1,12 @@
 //! The dispatch scenarios: engine masters and simulated agents (reporting every step a success
-//! without running a process) on a private nats-server. Build requests are stored on the bus
-//! as a scheduler stores them, and the builds' events are watched on the bus.
+//! without running a process) on a private nats-server. Changes are stored on the bus as a UI
+//! master stores them, or build requests as a scheduler stores them, and the builds' events
+//! are watched on the bus.
 //!
 //! - `throughput`: N builds requested at once on K agents, timed to their `finished` events.
-//! - `latency`: request stored to step started on its agent, one build at a time on idle
-//!   agents, or at a steady rate (`--rate`) to see it under load.
+//! - `latency`: change accepted (stored) to step started on its agent, through a scheduler
+//!   and an engine, one build at a time on idle agents, or at a steady rate (`--rate`) to see
+//!   it under load.
 //! - `agents`: K agents registered and heartbeating against an engine master process: its CPU
 //!   while idle, its memory per agent, and the dispatch latency among them.
 //! - `backlog`: N requests stored while every master is down (killed), then the masters
@@ -17,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bus_schema::BuildRequest;
+use bus_schema::{BuildRequest, Change};
 use futures::StreamExt;
 use services::Bus;
 use tokio::sync::mpsc;
@@ -99,6 +101,32 @@ impl Grid {
                 eprintln!("engine failed: {error}");
             }
         }));
+        Ok(())
+    }
+
+    /// A scheduler master in this process, following changes for the `bench` scheduler; returns
+    /// once it holds the scheduler's lease.
+    pub(super) async fn start_scheduler_here(&mut self) -> anyhow::Result<()> {
+        // Its consumer exists before any change is stored, as a UI master makes sure.
+        self.bus.scheduler_consumer(BENCH_SCHEDULER).await?;
+        let mut config = (*self.nats.config).clone();
+        config.masters.id = Some("bench-scheduler".into());
+        let config = Arc::new(config);
+        let scheduler_bus = Bus::connect(&config.nats, &config.engine, "yard-bench-scheduler").await?;
+        let stop = self.engine_shutdown.clone();
+        self.engine_tasks.push(tokio::spawn(async move {
+            if let Err(error) = scheduler_master::run(config, scheduler_bus, stop).await {
+                eprintln!("scheduler failed: {error}");
+            }
+        }));
+        let lease = bus_schema::subjects::scheduler_consumer(BENCH_SCHEDULER);
+        let started = Instant::now();
+        while !matches!(self.bus.leases.get(&lease).await, Ok(Some(_))) {
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("the bench scheduler did not take its lease within a minute");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(())
     }
 
@@ -253,6 +281,55 @@ fn request(number: usize) -> BuildRequest {
     request_of("bench", number)
 }
 
+/// The scheduler of the bench configuration: changes on `main` build `bench`.
+const BENCH_SCHEDULER: &str = "bench";
+
+/// What a timed build starts from.
+enum Origin {
+    /// A change, which the bench scheduler turns into a build request.
+    Change(Change),
+    /// A build request, stored as a scheduler stores it.
+    Request(BuildRequest),
+}
+
+impl Origin {
+    /// The `number`th build's origin, and the id its build will have.
+    fn new(from_changes: bool, config: &services::config::YardConfig, number: usize) -> (String, Origin) {
+        if !from_changes {
+            let request = request(number);
+            return (request.build_id.clone(), Origin::Request(request));
+        }
+        let change = Change {
+            id: ulid::Ulid::new().to_string(),
+            repository: "bench".into(),
+            branch: "main".into(),
+            revision: format!("rev-{number}"),
+            author: String::new(),
+            comments: String::new(),
+            files: Vec::new(),
+            project: String::new(),
+            source: "bench".into(),
+            received_at: services::time::now(),
+        };
+        // The scheduler derives the build id from the change, so it is known in advance.
+        let build_id = config
+            .schedulers
+            .iter()
+            .find(|scheduler| scheduler.name == BENCH_SCHEDULER)
+            .map(|scheduler| scheduler_master::build_request(scheduler, "bench", &change).build_id)
+            .unwrap_or_default();
+        (build_id, Origin::Change(change))
+    }
+
+    /// Stores it, and waits until JetStream has it.
+    async fn store(self, bus: &Bus) -> Result<(), services::bus::Error> {
+        match self {
+            Origin::Change(change) => bus.store_change(&change, None).await.map(drop),
+            Origin::Request(request) => bus.store_build_request(&request).await.map(drop),
+        }
+    }
+}
+
 pub(super) fn request_of(builder: &str, number: usize) -> BuildRequest {
     BuildRequest {
         build_id: ulid::Ulid::new().to_string(),
@@ -314,15 +391,15 @@ pub async fn throughput(options: GridOptions) -> anyhow::Result<serde_json::Valu
     }))
 }
 
-/// Build request stored to step started: one build at a time on idle agents, or at a steady
-/// rate.
+/// Change accepted to step started: one build at a time on idle agents, or at a steady rate.
 pub async fn latency(options: GridOptions) -> anyhow::Result<serde_json::Value> {
     let mut grid = Grid::new(BENCH_CONFIG).await?;
     grid.add_agents(options.agents, 1, true).await?;
     grid.start_engine_here().await?;
     grid.wait_engine_pulling(Duration::from_secs(60)).await?;
+    grid.start_scheduler_here().await?;
     let latencies = match options.rate {
-        None => dispatch_one_at_a_time(&grid, options.builds).await,
+        None => dispatch_one_at_a_time(&grid, true, options.builds).await,
         Some(rate) => dispatch_at_rate(&grid, options.builds, rate).await,
     };
     grid.stop().await;
@@ -338,23 +415,23 @@ pub async fn latency(options: GridOptions) -> anyhow::Result<serde_json::Value> 
     Ok(result)
 }
 
-/// Milliseconds from storing each build's request to its step starting, one build at a time
-/// (each finishes before the next is requested).
-async fn dispatch_one_at_a_time(grid: &Grid, builds: usize) -> anyhow::Result<Vec<f64>> {
+/// Milliseconds from storing each build's change (or, without `from_changes`, its request) to
+/// its step starting, one build at a time (each finishes before the next is stored).
+async fn dispatch_one_at_a_time(grid: &Grid, from_changes: bool, builds: usize) -> anyhow::Result<Vec<f64>> {
     let mut started_steps = grid.step_started.lock().await;
     let mut finished = grid.events("finished").await?;
     let mut latencies = Vec::with_capacity(builds);
     for number in 0..builds {
-        let request = request(number);
+        let (build_id, origin) = Origin::new(from_changes, &grid.nats.config, number);
         let sent = Instant::now();
-        grid.bus.store_build_request(&request).await?;
+        origin.store(&grid.bus).await?;
         loop {
             let started = tokio::time::timeout(Duration::from_secs(30), started_steps.recv())
                 .await
                 .ok()
                 .flatten()
                 .with_context(|| format!("build {number} did not start"))?;
-            if started == request.build_id {
+            if started == build_id {
                 break;
             }
         }
@@ -366,7 +443,7 @@ async fn dispatch_one_at_a_time(grid: &Grid, builds: usize) -> anyhow::Result<Ve
                 .ok()
                 .flatten()
                 .with_context(|| format!("build {number} did not finish"))?;
-            if build_of(&message.subject) == Some(request.build_id.as_str()) {
+            if build_of(&message.subject) == Some(build_id.as_str()) {
                 break;
             }
         }
@@ -374,8 +451,8 @@ async fn dispatch_one_at_a_time(grid: &Grid, builds: usize) -> anyhow::Result<Ve
     Ok(latencies)
 }
 
-/// Milliseconds from storing each build's request to its step starting, with requests stored
-/// at `rate` per second whatever the system does.
+/// Milliseconds from storing each build's change to its step starting, with changes stored at
+/// `rate` per second whatever the system does.
 async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Result<Vec<f64>> {
     if !(rate > 0.0 && rate.is_finite()) {
         bail!("--rate must be a positive number of builds per second");
@@ -383,19 +460,19 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
     let mut started_steps = grid.step_started.lock().await;
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
     let submitter = {
-        let (bus, sent) = (grid.bus.clone(), Arc::clone(&sent));
+        let (bus, sent, config) = (grid.bus.clone(), Arc::clone(&sent), Arc::clone(&grid.nats.config));
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut stores = tokio::task::JoinSet::new();
             for number in 0..builds {
                 ticker.tick().await;
-                let request = request(number);
+                let (build_id, origin) = Origin::new(true, &config, number);
                 sent.lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .insert(request.build_id.clone(), Instant::now());
+                    .insert(build_id, Instant::now());
                 let bus = bus.clone();
-                stores.spawn(async move { bus.store_build_request(&request).await });
+                stores.spawn(async move { origin.store(&bus).await });
             }
             let mut failures = 0;
             while let Some(stored) = stores.join_next().await {
@@ -421,7 +498,7 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
     }
     let failures = submitter.await?;
     if failures > 0 {
-        bail!("{failures} build requests were not stored");
+        bail!("{failures} changes were not stored");
     }
     Ok(latencies)
 }
@@ -469,7 +546,7 @@ pub async fn agents(options: AgentsOptions) -> anyhow::Result<serde_json::Value>
     tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
     let (cpu_end, rss_after_kb) = process_usage(engine)?;
     let idle_cpu = (cpu_end - cpu_start).as_secs_f64() / window.elapsed().as_secs_f64();
-    let latencies = dispatch_one_at_a_time(&grid, options.builds).await;
+    let latencies = dispatch_one_at_a_time(&grid, false, options.builds).await;
     grid.stop().await;
     let mut result = serde_json::json!({
         "scenario": "agents",

@@ -31,6 +31,12 @@ name = "bench"
 [[builder.steps]]
 name = "true"
 run = "true"
+
+[[scheduler]]
+name = "bench"
+kind = "on-change"
+branches = ["main"]
+builders = ["bench"]
 "#;
 
 /// A private nats-server in a temporary directory, and a configuration pointing at it.
