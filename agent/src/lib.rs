@@ -60,9 +60,9 @@ pub struct Settings {
     /// Report every step a success at once instead of running it (simulated agents of
     /// `yard bench`, which measure Yardmaster rather than the commands).
     pub simulate: bool,
-    /// Told the build id of every step the moment it starts here: `yard bench` times
-    /// dispatch to this instant on its in-process agents.
-    pub step_started: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Told the build id of every step, and the instant, as it starts here: `yard bench`
+    /// times dispatch to it on its in-process agents.
+    pub step_started: Option<tokio::sync::mpsc::UnboundedSender<(String, std::time::Instant)>>,
 }
 
 impl Settings {

@@ -75,7 +75,7 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
     let attempt = assignment.attempt;
     // The engine stored the step's start, naming this run of the agent, before asking.
     if let Some(step_started) = &agent.settings.step_started {
-        let _ = step_started.send(build_id.clone());
+        let _ = step_started.send((build_id.clone(), std::time::Instant::now()));
     }
     if agent.settings.simulate {
         // A simulated step succeeds at once and prints nothing: no process, no log.

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -63,11 +63,11 @@ pub(super) struct Grid {
     engine_tasks: Vec<tokio::task::JoinHandle<()>>,
     agent_tasks: Vec<tokio::task::JoinHandle<()>>,
     processes: Vec<Child>,
-    /// Every simulated agent tells this the build id of each step it starts.
-    step_started_tx: mpsc::UnboundedSender<String>,
-    /// Build ids of steps as the simulated agents start them (the instant a step starts on
-    /// its agent, with no write or delivery between).
-    step_started: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    /// Every simulated agent tells this the build id of each step it starts, and when.
+    step_started_tx: mpsc::UnboundedSender<(String, Instant)>,
+    /// Build ids of steps as the simulated agents start them, with the instant each started
+    /// on its agent (no write or delivery between).
+    step_started: tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, Instant)>>,
 }
 
 impl Grid {
@@ -392,6 +392,8 @@ pub async fn throughput(options: GridOptions) -> anyhow::Result<serde_json::Valu
 }
 
 /// Change accepted to step started: one build at a time on idle agents, or at a steady rate.
+/// A change is accepted when JetStream acknowledges it (when a UI master answers 202); the
+/// `submit_` figures start the clock before it is sent instead, and so add its store.
 pub async fn latency(options: GridOptions) -> anyhow::Result<serde_json::Value> {
     let mut grid = Grid::new(BENCH_CONFIG).await?;
     grid.add_agents(options.agents, 1, true).await?;
@@ -409,33 +411,52 @@ pub async fn latency(options: GridOptions) -> anyhow::Result<serde_json::Value> 
         "agents": options.agents,
         "rate_per_s": options.rate.unwrap_or(0.0),
     });
+    let latencies = latencies?;
     if let Some(fields) = result.as_object_mut() {
-        fields.extend(quantiles("", latencies?));
+        fields.extend(quantiles("", latencies.accepted));
+        fields.extend(quantiles("submit_", latencies.submitted));
     }
     Ok(result)
 }
 
-/// Milliseconds from storing each build's change (or, without `from_changes`, its request) to
-/// its step starting, one build at a time (each finishes before the next is stored).
-async fn dispatch_one_at_a_time(grid: &Grid, from_changes: bool, builds: usize) -> anyhow::Result<Vec<f64>> {
+/// Milliseconds to each build's step start, from its change or request acknowledged by
+/// JetStream, and from before it was sent.
+struct Dispatch {
+    accepted: Vec<f64>,
+    submitted: Vec<f64>,
+}
+
+fn millis_between(from: Instant, to: Instant) -> f64 {
+    // A step may start before its store's acknowledgement has come back: no wait, then.
+    to.saturating_duration_since(from).as_secs_f64() * 1000.0
+}
+
+/// Each build's change (or, without `from_changes`, its request) to its step starting, one
+/// build at a time (each finishes before the next is stored).
+async fn dispatch_one_at_a_time(grid: &Grid, from_changes: bool, builds: usize) -> anyhow::Result<Dispatch> {
     let mut started_steps = grid.step_started.lock().await;
     let mut finished = grid.events("finished").await?;
-    let mut latencies = Vec::with_capacity(builds);
+    let mut latencies = Dispatch {
+        accepted: Vec::with_capacity(builds),
+        submitted: Vec::with_capacity(builds),
+    };
     for number in 0..builds {
         let (build_id, origin) = Origin::new(from_changes, &grid.nats.config, number);
-        let sent = Instant::now();
+        let submitted = Instant::now();
         origin.store(&grid.bus).await?;
-        loop {
-            let started = tokio::time::timeout(Duration::from_secs(30), started_steps.recv())
+        let accepted = Instant::now();
+        let started = loop {
+            let (started, at) = tokio::time::timeout(Duration::from_secs(30), started_steps.recv())
                 .await
                 .ok()
                 .flatten()
                 .with_context(|| format!("build {number} did not start"))?;
             if started == build_id {
-                break;
+                break at;
             }
-        }
-        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+        };
+        latencies.accepted.push(millis_between(accepted, started));
+        latencies.submitted.push(millis_between(submitted, started));
         // Idle agents again before the next one.
         loop {
             let message = tokio::time::timeout(Duration::from_secs(30), finished.next())
@@ -451,16 +472,15 @@ async fn dispatch_one_at_a_time(grid: &Grid, from_changes: bool, builds: usize) 
     Ok(latencies)
 }
 
-/// Milliseconds from storing each build's change to its step starting, with changes stored at
-/// `rate` per second whatever the system does.
-async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Result<Vec<f64>> {
+/// Each build's change to its step starting, with changes stored at `rate` per second
+/// whatever the system does.
+async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Result<Dispatch> {
     if !(rate > 0.0 && rate.is_finite()) {
         bail!("--rate must be a positive number of builds per second");
     }
     let mut started_steps = grid.step_started.lock().await;
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
     let submitter = {
-        let (bus, sent, config) = (grid.bus.clone(), Arc::clone(&sent), Arc::clone(&grid.nats.config));
+        let (bus, config) = (grid.bus.clone(), Arc::clone(&grid.nats.config));
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -468,37 +488,51 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
             for number in 0..builds {
                 ticker.tick().await;
                 let (build_id, origin) = Origin::new(true, &config, number);
-                sent.lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .insert(build_id, Instant::now());
                 let bus = bus.clone();
-                stores.spawn(async move { origin.store(&bus).await });
+                stores.spawn(async move {
+                    let submitted = Instant::now();
+                    origin
+                        .store(&bus)
+                        .await
+                        .map(|()| (build_id, submitted, Instant::now()))
+                });
             }
+            let mut stored = HashMap::with_capacity(builds);
             let mut failures = 0;
-            while let Some(stored) = stores.join_next().await {
-                failures += usize::from(!matches!(stored, Ok(Ok(_))));
+            while let Some(store) = stores.join_next().await {
+                match store {
+                    Ok(Ok((build_id, submitted, accepted))) => {
+                        stored.insert(build_id, (submitted, accepted));
+                    }
+                    _ => failures += 1,
+                }
             }
-            failures
+            (stored, failures)
         })
     };
-    let mut latencies = Vec::with_capacity(builds);
-    while latencies.len() < builds {
-        let started = tokio::time::timeout(Duration::from_secs(30), started_steps.recv())
+    let mut started = HashMap::with_capacity(builds);
+    while started.len() < builds {
+        let (build_id, at) = tokio::time::timeout(Duration::from_secs(30), started_steps.recv())
             .await
             .ok()
             .flatten()
-            .with_context(|| format!("only {} of {builds} builds started", latencies.len()))?;
-        let at = sent
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&started);
-        if let Some(at) = at {
-            latencies.push(at.elapsed().as_secs_f64() * 1000.0);
-        }
+            .with_context(|| format!("only {} of {builds} builds started", started.len()))?;
+        started.entry(build_id).or_insert(at);
     }
-    let failures = submitter.await?;
+    let (stored, failures) = submitter.await?;
     if failures > 0 {
         bail!("{failures} changes were not stored");
+    }
+    let mut latencies = Dispatch {
+        accepted: Vec::with_capacity(builds),
+        submitted: Vec::with_capacity(builds),
+    };
+    for (build_id, (submitted, accepted)) in stored {
+        let at = *started
+            .get(&build_id)
+            .with_context(|| format!("build {build_id} was stored but did not start"))?;
+        latencies.accepted.push(millis_between(accepted, at));
+        latencies.submitted.push(millis_between(submitted, at));
     }
     Ok(latencies)
 }
@@ -560,7 +594,9 @@ pub async fn agents(options: AgentsOptions) -> anyhow::Result<serde_json::Value>
         "builds": options.builds,
     });
     if let Some(fields) = result.as_object_mut() {
-        fields.extend(quantiles("dispatch_", latencies?));
+        let latencies = latencies?;
+        fields.extend(quantiles("dispatch_", latencies.accepted));
+        fields.extend(quantiles("dispatch_submit_", latencies.submitted));
     }
     Ok(result)
 }
