@@ -4,6 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The Go garbage collector's target for the nats-servers Yardmaster runs (unless `GOGC` is
+/// set): a collection when the heap has grown by 400% instead of 100%. Fewer collections cut
+/// the server's pauses, and so the tail of dispatch latency under load, for some memory.
+pub const NATS_SERVER_GOGC: &str = "400";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -170,6 +175,9 @@ impl NatsServer {
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir).map_err(io_error(&ports_dir))?;
         let log = data_dir.join("nats-server.log");
+        if std::env::var_os("GOGC").is_none() {
+            command.env("GOGC", NATS_SERVER_GOGC);
+        }
         let child = command
             .arg("--ports_file_dir")
             .arg(&ports_dir)
