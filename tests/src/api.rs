@@ -64,36 +64,24 @@ impl Api {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .authorized(self.http.post(self.url(path)))
-            .json(&body)
-            .send()
-            .await
-            .expect("POST");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        Self::send_json(self.authorized(self.http.post(self.url(path))), body).await
     }
 
     /// POST with an `Idempotency-Key` header: the same key again is the same submission.
     pub async fn post_with_key(&self, path: &str, body: Value, key: &str) -> (u16, Value) {
-        let response = self
+        let request = self
             .authorized(self.http.post(self.url(path)))
-            .header("idempotency-key", key)
-            .json(&body)
-            .send()
-            .await
-            .expect("POST");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+            .header("idempotency-key", key);
+        Self::send_json(request, body).await
     }
 
     pub async fn put_json(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .authorized(self.http.put(self.url(path)))
-            .json(&body)
-            .send()
-            .await
-            .expect("PUT");
+        Self::send_json(self.authorized(self.http.put(self.url(path))), body).await
+    }
+
+    /// Sends `request` with a JSON `body`: the status and the JSON answer (null if none).
+    async fn send_json(request: reqwest::RequestBuilder, body: Value) -> (u16, Value) {
+        let response = request.json(&body).send().await.expect("request sent");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
