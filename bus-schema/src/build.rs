@@ -311,9 +311,16 @@ impl BuildRecord {
                     return;
                 };
                 // Steps the engine carries out itself (pool acquisitions) run on no agent.
-                step.agent = (!agent.is_empty()).then(|| agent.clone());
+                let agent = (!agent.is_empty()).then(|| agent.clone());
+                // An adopting engine asks the same run of the agent again, and stores the start
+                // again: the step started the first time.
+                let asked_again =
+                    step.started_at.is_some() && step.agent == agent && step.agent_session == *agent_session;
+                if !asked_again {
+                    step.started_at = Some(event.at);
+                }
+                step.agent = agent;
                 step.agent_session.clone_from(agent_session);
-                step.started_at = Some(event.at);
                 if step.state < StepState::Running {
                     step.state = StepState::Running;
                     step.message = None;
@@ -459,6 +466,30 @@ mod tests {
             8,
         ));
         assert_eq!(record.steps[MAX_STEPS as usize - 1].state, StepState::Running);
+    }
+
+    #[test]
+    fn a_step_asked_again_of_the_same_agent_run_keeps_its_first_start() {
+        let mut record = BuildRecord::requested(&request());
+        let started = |agent: &str, session: &str, at| {
+            event(
+                BuildEventKind::StepStarted {
+                    index: 0,
+                    attempt: 0,
+                    agent: agent.into(),
+                    agent_session: Some(session.into()),
+                },
+                at,
+            )
+        };
+        record.apply(&started("a1", "s1", 10));
+        // An adopting engine asks the same run of a1 again.
+        record.apply(&started("a1", "s1", 20));
+        assert_eq!(record.steps[0].started_at, Some(Timestamp(10)));
+        // Another agent (the first never took the step) starts it anew.
+        record.apply(&started("a2", "s2", 30));
+        assert_eq!(record.steps[0].started_at, Some(Timestamp(30)));
+        assert_eq!(record.steps[0].agent.as_deref(), Some("a2"));
     }
 
     #[test]

@@ -1262,17 +1262,17 @@ impl BuildDriver {
                 }
                 self.await_step(agent, &session, index, result_rx).await
             }
-            Ok(AgentReply::AlreadyFinished { .. }) => {
-                self.engine.step_results.remove(&key);
+            Ok(AgentReply::AlreadyFinished { session }) => {
+                // The agent ran the step (asked by the engine before this one) and stores its
+                // end until JetStream has it: after a NATS node failed, that end may still be
+                // on its way. It is waited for like any step's, until the agent is lost.
+                self.engine.directory.answered(agent, &session);
                 match self.recorded_outcome(index).await {
-                    Some(outcome) => NodeEnd::Done(outcome),
-                    None => {
-                        self.end_step_with_exception(
-                            index,
-                            format!("agent {agent} ran the step but its result is missing"),
-                        )
-                        .await
+                    Some(outcome) => {
+                        self.engine.step_results.remove(&key);
+                        NodeEnd::Done(outcome)
                     }
+                    None => self.await_step(agent, &session, index, result_rx).await,
                 }
             }
             Ok(AgentReply::Busy { build_id: other }) => {
