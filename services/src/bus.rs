@@ -685,13 +685,12 @@ async fn provision_streams(
     replicas: usize,
     engine: &EngineConfig,
 ) -> Result<(), Error> {
-    let dedup_window = DEDUP_WINDOW;
     let streams = [
         stream::Config {
             name: subjects::CHANGES_STREAM.into(),
             description: Some("Change events".into()),
             subjects: vec![subjects::CHANGES_ALL.into()],
-            duplicate_window: dedup_window,
+            duplicate_window: DEDUP_WINDOW,
             num_replicas: replicas,
             ..Default::default()
         },
@@ -700,7 +699,7 @@ async fn provision_streams(
             description: Some("Build requests; a fetched message is a claim".into()),
             subjects: vec![subjects::REQUESTS_ALL.into()],
             retention: stream::RetentionPolicy::WorkQueue,
-            duplicate_window: dedup_window,
+            duplicate_window: DEDUP_WINDOW,
             num_replicas: replicas,
             ..Default::default()
         },
@@ -708,7 +707,7 @@ async fn provision_streams(
             name: subjects::EVENTS_STREAM.into(),
             description: Some("Build events; build state is a fold over them".into()),
             subjects: vec![subjects::EVENTS_ALL.into()],
-            duplicate_window: dedup_window,
+            duplicate_window: DEDUP_WINDOW,
             num_replicas: replicas,
             // One build's events are read back with direct gets.
             allow_direct: true,
@@ -731,7 +730,7 @@ async fn provision_streams(
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_bytes: 256 * 1024 * 1024,
             discard: stream::DiscardPolicy::Old,
-            duplicate_window: dedup_window,
+            duplicate_window: DEDUP_WINDOW,
             num_replicas: replicas,
             ..Default::default()
         },
