@@ -184,8 +184,17 @@ async fn one_agent_serves_two_deployments_one_build_at_a_time() {
         !seen_by_green.to_string().contains(&blue_build),
         "{seen_by_green}"
     );
-    let blue_seen = agent_entry(&blue_api).await.expect("blue lists the agent");
-    assert_eq!(blue_seen["busy_with"], blue_build.as_str());
+    // Each deployment's record of the agent is written on its own: blue's may trail green's.
+    let blue_seen = wait_until(
+        "blue to see the agent busy with its build",
+        Duration::from_secs(30),
+        || async {
+            agent_entry(&blue_api)
+                .await
+                .filter(|agent| agent["busy_with"] == blue_build.as_str())
+        },
+    )
+    .await;
     assert_eq!(blue_seen["busy_elsewhere"], false);
 
     // Green's build waits for the machine, and says why.
