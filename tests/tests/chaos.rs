@@ -562,7 +562,21 @@ async fn kills_and_a_network_cut_under_load_lose_nothing_and_run_nothing_twice()
             "build {id} ran its step {ran} times with {retries} retries recorded: {build}"
         );
     }
-    let finished = finished_events(deployment.nats[2].url()).await;
+    // The server may place the reading consumer on a node still catching up after the last
+    // kill, which then ends its read early: wait until every node is current, and read the
+    // whole stream again while a finished build's event is missing.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let finished = loop {
+        deployment.wait_nats_current(Duration::from_secs(120)).await;
+        let finished = finished_events(deployment.nats[2].url()).await;
+        let complete = all
+            .iter()
+            .all(|build| finished.contains_key(build["id"].as_str().unwrap_or_default()));
+        if complete || Instant::now() > deadline {
+            break finished;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     for build in &all {
         let id = build["id"].as_str().unwrap();
         assert_eq!(finished.get(id), Some(&1), "build {id} finished exactly once");
