@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bus_schema::{BuildRequest, Change};
 use futures::StreamExt;
+use services::config::{SchedulerConfig, YardConfig};
 use services::Bus;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -58,9 +59,9 @@ const AGENTS_PER_CONNECTION: usize = 100;
 pub(super) struct Grid {
     pub(super) nats: Nats,
     pub(super) bus: Bus,
-    engine_shutdown: CancellationToken,
+    masters_shutdown: CancellationToken,
     agents_shutdown: CancellationToken,
-    engine_tasks: Vec<tokio::task::JoinHandle<()>>,
+    master_tasks: Vec<tokio::task::JoinHandle<()>>,
     agent_tasks: Vec<tokio::task::JoinHandle<()>>,
     processes: Vec<Child>,
     /// Every simulated agent tells this the build id of each step it starts, and when.
@@ -79,9 +80,9 @@ impl Grid {
         Ok(Grid {
             nats,
             bus,
-            engine_shutdown: CancellationToken::new(),
+            masters_shutdown: CancellationToken::new(),
             agents_shutdown: CancellationToken::new(),
-            engine_tasks: Vec::new(),
+            master_tasks: Vec::new(),
             agent_tasks: Vec::new(),
             processes: Vec::new(),
             step_started_tx,
@@ -89,19 +90,31 @@ impl Grid {
         })
     }
 
-    /// An engine master in this process.
-    pub(super) async fn start_engine_here(&mut self) -> anyhow::Result<()> {
+    /// A master of `role` in this process (master id `bench-<role>`, on its own NATS
+    /// connection), run by `run` until the grid stops.
+    async fn start_master_here<Run, Running, Failure>(&mut self, role: &str, run: Run) -> anyhow::Result<()>
+    where
+        Run: FnOnce(Arc<YardConfig>, Bus, CancellationToken) -> Running,
+        Running: std::future::Future<Output = Result<(), Failure>> + Send + 'static,
+        Failure: std::fmt::Display,
+    {
         let mut config = (*self.nats.config).clone();
-        config.masters.id = Some("bench-engine".into());
+        config.masters.id = Some(format!("bench-{role}"));
         let config = Arc::new(config);
-        let engine_bus = Bus::connect(&config.nats, &config.engine, "yard-bench-engine").await?;
-        let stop = self.engine_shutdown.clone();
-        self.engine_tasks.push(tokio::spawn(async move {
-            if let Err(error) = engine_master::run(config, engine_bus, stop).await {
-                eprintln!("engine failed: {error}");
+        let bus = Bus::connect(&config.nats, &config.engine, &format!("yard-bench-{role}")).await?;
+        let running = run(config, bus, self.masters_shutdown.clone());
+        let role = role.to_owned();
+        self.master_tasks.push(tokio::spawn(async move {
+            if let Err(error) = running.await {
+                eprintln!("{role} failed: {error}");
             }
         }));
         Ok(())
+    }
+
+    /// An engine master in this process.
+    pub(super) async fn start_engine_here(&mut self) -> anyhow::Result<()> {
+        self.start_master_here("engine", engine_master::run).await
     }
 
     /// A scheduler master in this process, following changes for the `bench` scheduler; returns
@@ -109,16 +122,7 @@ impl Grid {
     pub(super) async fn start_scheduler_here(&mut self) -> anyhow::Result<()> {
         // Its consumer exists before any change is stored, as a UI master makes sure.
         self.bus.scheduler_consumer(BENCH_SCHEDULER).await?;
-        let mut config = (*self.nats.config).clone();
-        config.masters.id = Some("bench-scheduler".into());
-        let config = Arc::new(config);
-        let scheduler_bus = Bus::connect(&config.nats, &config.engine, "yard-bench-scheduler").await?;
-        let stop = self.engine_shutdown.clone();
-        self.engine_tasks.push(tokio::spawn(async move {
-            if let Err(error) = scheduler_master::run(config, scheduler_bus, stop).await {
-                eprintln!("scheduler failed: {error}");
-            }
-        }));
+        self.start_master_here("scheduler", scheduler_master::run).await?;
         let lease = bus_schema::subjects::scheduler_consumer(BENCH_SCHEDULER);
         let started = Instant::now();
         while !matches!(self.bus.leases.get(&lease).await, Ok(Some(_))) {
@@ -262,9 +266,9 @@ impl Grid {
 
     pub(super) async fn stop(mut self) {
         self.kill_processes();
-        // Engines first, so that they still reach the agents while they let go of them.
-        self.engine_shutdown.cancel();
-        for task in self.engine_tasks.drain(..) {
+        // Masters first, so that engines still reach the agents while they let go of them.
+        self.masters_shutdown.cancel();
+        for task in self.master_tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         }
         self.agents_shutdown.cancel();
@@ -284,6 +288,16 @@ fn request(number: usize) -> BuildRequest {
 /// The scheduler of the bench configuration: changes on `main` build `bench`.
 const BENCH_SCHEDULER: &str = "bench";
 
+/// The bench configuration's scheduler, which turns changes on `main` into `bench` builds.
+fn bench_scheduler(config: &YardConfig) -> anyhow::Result<SchedulerConfig> {
+    config
+        .schedulers
+        .iter()
+        .find(|scheduler| scheduler.name == BENCH_SCHEDULER)
+        .cloned()
+        .with_context(|| format!("the bench configuration has no scheduler {BENCH_SCHEDULER:?}"))
+}
+
 /// What a timed build starts from.
 enum Origin {
     /// A change, which the bench scheduler turns into a build request.
@@ -293,12 +307,13 @@ enum Origin {
 }
 
 impl Origin {
-    /// The `number`th build's origin, and the id its build will have.
-    fn new(from_changes: bool, config: &services::config::YardConfig, number: usize) -> (String, Origin) {
-        if !from_changes {
+    /// The `number`th build's origin, and the id its build will have: a change for
+    /// `scheduler` (see [`bench_scheduler`]), or without one a request.
+    fn new(scheduler: Option<&SchedulerConfig>, number: usize) -> (String, Origin) {
+        let Some(scheduler) = scheduler else {
             let request = request(number);
             return (request.build_id.clone(), Origin::Request(request));
-        }
+        };
         let change = Change {
             id: ulid::Ulid::new().to_string(),
             repository: "bench".into(),
@@ -312,12 +327,7 @@ impl Origin {
             received_at: services::time::now(),
         };
         // The scheduler derives the build id from the change, so it is known in advance.
-        let build_id = config
-            .schedulers
-            .iter()
-            .find(|scheduler| scheduler.name == BENCH_SCHEDULER)
-            .map(|scheduler| scheduler_master::build_request(scheduler, "bench", &change).build_id)
-            .unwrap_or_default();
+        let build_id = scheduler_master::build_request(scheduler, "bench", &change).build_id;
         (build_id, Origin::Change(change))
     }
 
@@ -434,6 +444,11 @@ fn millis_between(from: Instant, to: Instant) -> f64 {
 /// Each build's change (or, without `from_changes`, its request) to its step starting, one
 /// build at a time (each finishes before the next is stored).
 async fn dispatch_one_at_a_time(grid: &Grid, from_changes: bool, builds: usize) -> anyhow::Result<Dispatch> {
+    let scheduler = if from_changes {
+        Some(bench_scheduler(&grid.nats.config)?)
+    } else {
+        None
+    };
     let mut started_steps = grid.step_started.lock().await;
     let mut finished = grid.events("finished").await?;
     let mut latencies = Dispatch {
@@ -441,7 +456,7 @@ async fn dispatch_one_at_a_time(grid: &Grid, from_changes: bool, builds: usize) 
         submitted: Vec::with_capacity(builds),
     };
     for number in 0..builds {
-        let (build_id, origin) = Origin::new(from_changes, &grid.nats.config, number);
+        let (build_id, origin) = Origin::new(scheduler.as_ref(), number);
         let submitted = Instant::now();
         origin.store(&grid.bus).await?;
         let accepted = Instant::now();
@@ -479,15 +494,16 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
         bail!("--rate must be a positive number of builds per second");
     }
     let mut started_steps = grid.step_started.lock().await;
+    let scheduler = bench_scheduler(&grid.nats.config)?;
     let submitter = {
-        let (bus, config) = (grid.bus.clone(), Arc::clone(&grid.nats.config));
+        let bus = grid.bus.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut stores = tokio::task::JoinSet::new();
             for number in 0..builds {
                 ticker.tick().await;
-                let (build_id, origin) = Origin::new(true, &config, number);
+                let (build_id, origin) = Origin::new(Some(&scheduler), number);
                 let bus = bus.clone();
                 stores.spawn(async move {
                     let submitted = Instant::now();
