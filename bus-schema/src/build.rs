@@ -246,6 +246,14 @@ impl BuildRecord {
         self.started_at.get_or_insert(at);
     }
 
+    /// Waiting for a master agent, for `reason` (unless the build already runs).
+    fn wait_for_master(&mut self, reason: &str) {
+        if self.state < BuildState::Running {
+            self.advance(BuildState::Waiting);
+            self.message = Some(reason.to_owned());
+        }
+    }
+
     /// Applies one event of this build.
     pub fn apply(&mut self, event: &BuildEvent) {
         match &event.kind {
@@ -257,7 +265,12 @@ impl BuildRecord {
                 self.properties.clone_from(&request.properties);
                 self.requested_at = request.requested_at;
             }
-            BuildEventKind::Claimed { engine, steps, agent } => {
+            BuildEventKind::Claimed {
+                engine,
+                steps,
+                agent,
+                waiting,
+            } => {
                 self.engine = Some(engine.clone());
                 self.claimed_by.push(engine.clone());
                 let attempt = self.attempt();
@@ -272,13 +285,11 @@ impl BuildRecord {
                 if let Some(agent) = agent {
                     self.hold_master(agent, event.at);
                 }
-            }
-            BuildEventKind::Waiting { reason } => {
-                if self.state < BuildState::Running {
-                    self.advance(BuildState::Waiting);
-                    self.message = Some(reason.clone());
+                if let Some(reason) = waiting {
+                    self.wait_for_master(reason);
                 }
             }
+            BuildEventKind::Waiting { reason } => self.wait_for_master(reason),
             BuildEventKind::PropertySet { name, value } => {
                 self.properties.insert(name.clone(), value.clone());
             }
@@ -408,6 +419,32 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_that_says_why_the_build_waits_shows_it_waiting_until_its_master_agent() {
+        let mut record = BuildRecord::requested(&request());
+        record.apply(&event(
+            BuildEventKind::Claimed {
+                engine: "e1".into(),
+                steps: vec![],
+                agent: None,
+                waiting: Some("no idle agent matches os == \"linux\"".into()),
+            },
+            2,
+        ));
+        assert_eq!(record.state, BuildState::Waiting);
+        assert_eq!(
+            record.message.as_deref(),
+            Some("no idle agent matches os == \"linux\"")
+        );
+        assert_eq!(record.engine.as_deref(), Some("e1"));
+        record.apply(&event(BuildEventKind::MasterAgent { agent: "a1".into() }, 3));
+        assert_eq!(
+            (record.state, record.message.as_deref()),
+            (BuildState::Running, None)
+        );
+        assert_eq!(record.agent.as_deref(), Some("a1"));
+    }
+
+    #[test]
     fn steps_past_the_limit_are_ignored_not_allocated() {
         let mut record = BuildRecord::requested(&request());
         for index in [u32::MAX, MAX_STEPS] {
@@ -452,6 +489,7 @@ mod tests {
                 engine: "e1".into(),
                 steps: vec![planned; MAX_STEPS as usize + 5],
                 agent: None,
+                waiting: None,
             },
             7,
         ));
@@ -531,6 +569,7 @@ mod tests {
                     },
                 ],
                 agent: Some("a1".into()),
+                waiting: Some("late".into()),
             },
             2,
         ));

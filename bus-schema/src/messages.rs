@@ -79,6 +79,10 @@ pub enum BuildEventKind {
         /// it claimed the build (else a `MasterAgent` event follows).
         #[serde(default)]
         agent: Option<String>,
+        /// Why the build waits for a master agent, when that is the first thing it has to
+        /// tell (in place of a `Waiting` event).
+        #[serde(default)]
+        waiting: Option<String>,
     },
     Waiting {
         reason: String,
@@ -362,8 +366,8 @@ pub struct LeaseRecord {
     pub since: Timestamp,
 }
 
-/// A step (or a master step) waiting for an agent, stored in the waits bucket while it waits,
-/// so that every engine sees the whole wait-for graph.
+/// A step (or a master step) waiting for an agent or a pool server, listed in its engine's
+/// [`EngineWaits`] while it waits, so that every engine sees the whole wait-for graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaitRecord {
     pub build_id: String,
@@ -381,6 +385,21 @@ pub struct WaitRecord {
     /// Set when the step waits for a server of this pool role rather than for an agent.
     #[serde(default)]
     pub pool: Option<String>,
+}
+
+/// One engine's waiting steps, stored in the waits bucket under
+/// [`crate::subjects::engine_waits_key`]: one record per engine, rewritten when its waits
+/// change, so a waiting build costs no write of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineWaits {
+    pub engine: String,
+    /// Every waiting step of a build past its master step (such a build holds an agent, so
+    /// it can be part of a deadlock), then the builds waiting for a master agent, oldest
+    /// first, up to a limit.
+    pub waits: Vec<WaitRecord>,
+    /// Builds waiting for a master agent left out of `waits` by the limit.
+    #[serde(default)]
+    pub more: u64,
 }
 
 /// A resource pool: the servers of one role.

@@ -20,7 +20,8 @@ pub const ENGINES_CONSUMER: &str = "engines";
 pub const AGENTS_BUCKET: &str = "yard-agents";
 /// KV bucket of cancel requests, keyed by build id.
 pub const CANCELS_BUCKET: &str = "yard-cancels";
-/// KV bucket of waiting steps, keyed by [`wait_key`].
+/// KV bucket of waiting steps: one [`crate::EngineWaits`] per engine, keyed by
+/// [`engine_waits_key`].
 pub const WAITS_BUCKET: &str = "yard-waits";
 /// KV bucket of resource pools: `pool.<role>` definitions, `server.<name>` acquisitions and
 /// `queue.<role>` waiters.
@@ -116,7 +117,12 @@ pub fn events_of_kind(kind: &str) -> String {
     format!("yard.event.*.{kind}")
 }
 
-/// Key of one waiting step in the waits bucket (`master` for the master step).
+/// Key of engine `engine_id`'s waiting steps in the waits bucket.
+pub fn engine_waits_key(engine_id: &str) -> String {
+    format!("engine.{engine_id}")
+}
+
+/// Identifies one waiting step (`master` for the master step) among its engine's waits.
 pub fn wait_key(build_id: &str, attempt: u32, step: Option<u32>) -> String {
     match step {
         Some(index) => format!("{build_id}.{attempt}.{index}"),

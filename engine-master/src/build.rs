@@ -30,10 +30,10 @@ use crate::{Engine, StepOutcome};
 
 /// How long an agent has to answer a command.
 const AGENT_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a waiting step refreshes its entry in the waits bucket (whose entries expire).
-const WAIT_REFRESH: Duration = Duration::from_secs(10);
-/// How long a step waits for an agent before its wait is recorded in the waits bucket.
-const WAIT_RECORD_AFTER: Duration = Duration::from_millis(250);
+/// How long a step waits for an agent before the wait is told (a `waiting` event) and
+/// recorded among the engine's waits: most waits end within moments when agents turn over
+/// quickly, and cost nothing.
+const WAIT_TOLD_AFTER: Duration = Duration::from_millis(250);
 
 /// Claims one build request and drives the build to its end.
 pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
@@ -307,7 +307,7 @@ impl BuildDriver {
     }
 
     /// The events to publish for `kind`: the unannounced claim first, if there is one, or in
-    /// place of `kind` if `kind` names the master agent.
+    /// place of `kind` if `kind` names the master agent or why the build waits for one.
     fn with_claim(&self, kind: BuildEventKind) -> (Option<BuildEventKind>, BuildEventKind) {
         let plan = self
             .unannounced_claim
@@ -325,6 +325,16 @@ impl BuildDriver {
                     engine,
                     steps,
                     agent: Some(agent),
+                    waiting: None,
+                },
+            ),
+            BuildEventKind::Waiting { reason } => (
+                None,
+                BuildEventKind::Claimed {
+                    engine,
+                    steps,
+                    agent: None,
+                    waiting: Some(reason),
                 },
             ),
             kind => (
@@ -332,6 +342,7 @@ impl BuildDriver {
                     engine,
                     steps,
                     agent: None,
+                    waiting: None,
                 }),
                 kind,
             ),
@@ -800,18 +811,7 @@ impl BuildDriver {
                 since: now(),
                 pool: Some(acquire.role.clone()),
             };
-            let refresh = {
-                let store = self.engine.bus.waits.clone();
-                let key = key.clone();
-                let payload = bytes::Bytes::from(bus_schema::encode(&record));
-                tokio::spawn(async move {
-                    let mut ticker = tokio::time::interval(WAIT_REFRESH);
-                    loop {
-                        ticker.tick().await;
-                        let _ = store.put(&key, payload.clone()).await;
-                    }
-                })
-            };
+            self.engine.wait_book.insert(key.clone(), record);
             let acquired = crate::pools::acquire(
                 &self.engine,
                 self.id(),
@@ -821,8 +821,7 @@ impl BuildDriver {
                 &self.cancel,
             )
             .await;
-            refresh.abort();
-            let _ = self.engine.bus.waits.delete(&key).await;
+            self.engine.wait_book.remove(&key);
             let server = match acquired {
                 Ok(Some(server)) => server,
                 Ok(None) => {
@@ -1042,17 +1041,14 @@ impl BuildDriver {
     ) -> Option<String> {
         let attempt = self.attempt();
         tracing::debug!(build = %self.id(), %reason, "waiting for an agent");
-        match step {
-            None => self.publish(BuildEventKind::Waiting { reason }).await,
-            Some(node) => {
-                self.publish(BuildEventKind::StepWaiting {
-                    index: node.index,
-                    attempt,
-                    reason,
-                })
-                .await
-            }
-        }
+        let told = match step {
+            None => BuildEventKind::Waiting { reason },
+            Some(node) => BuildEventKind::StepWaiting {
+                index: node.index,
+                attempt,
+                reason,
+            },
+        };
         let key = subjects::wait_key(self.id(), attempt, step.map(|node| node.index));
         let record = WaitRecord {
             build_id: self.id().to_owned(),
@@ -1070,12 +1066,9 @@ impl BuildDriver {
         // number of unacknowledged publishes, and thousands of waiting builds holding theirs
         // would block every publish of the engine.
         self.flush_events().await;
-        let payload = bytes::Bytes::from(bus_schema::encode(&record));
-        // Most waits end within moments when agents turn over quickly: only a wait that lasts
-        // is recorded, which is all the deadlock detector and the waits view need.
-        let mut refresh =
-            tokio::time::interval_at(tokio::time::Instant::now() + WAIT_RECORD_AFTER, WAIT_REFRESH);
-        let mut recorded = false;
+        let mut told = Some((told, record));
+        let tell = tokio::time::sleep(WAIT_TOLD_AFTER);
+        tokio::pin!(tell);
         let agent = loop {
             tokio::select! {
                 agent = &mut ready => break agent.ok(),
@@ -1087,22 +1080,17 @@ impl BuildDriver {
                     }
                     break None;
                 }
-                _ = refresh.tick() => {
-                    recorded = true;
-                    if let Err(error) = self.engine.bus.waits.put(&key, payload.clone()).await {
-                        tracing::debug!(%error, "wait not recorded");
+                _ = &mut tell, if told.is_some() => {
+                    if let Some((event, record)) = told.take() {
+                        self.engine.wait_book.insert(key.clone(), record);
+                        self.publish(event).await;
+                        self.flush_events().await;
                     }
                 }
             }
         };
-        for try_number in (1..=5u64).filter(|_| recorded) {
-            match self.engine.bus.waits.delete(&key).await {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::debug!(%error, try_number, "wait not removed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * try_number)).await;
-                }
-            }
+        if told.is_none() {
+            self.engine.wait_book.remove(&key);
         }
         agent
     }

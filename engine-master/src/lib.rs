@@ -11,6 +11,7 @@ mod directory;
 mod listeners;
 pub mod pools;
 mod secrets;
+mod wait_book;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,8 +54,10 @@ pub(crate) struct Engine {
     pub running: DashMap<String, CancellationToken>,
     /// Builds of this engine ended to break a deadlock, with the cycle they were in.
     pub deadlock_victims: DashMap<String, String>,
-    /// Every waiting step of the grid (from the waits bucket), by key.
-    pub waits: services::watch::Mirror<bus_schema::WaitRecord>,
+    /// Every engine's waiting steps (from the waits bucket), by key.
+    pub waits: services::watch::Mirror<bus_schema::EngineWaits>,
+    /// This engine's own waiting steps, which it writes to the waits bucket.
+    pub wait_book: wait_book::WaitBook,
     /// The pools bucket as it is, by key, for pool waits in the wait-for graph.
     pub pool_entries: services::watch::Mirror<bytes::Bytes>,
     /// The masters registry, by id: whether the engine that claimed a build is still alive.
@@ -121,6 +124,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
         running: DashMap::new(),
         deadlock_victims: DashMap::new(),
         waits: Default::default(),
+        wait_book: Default::default(),
         pool_entries: Default::default(),
         masters: Default::default(),
     });
@@ -144,15 +148,15 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
     tracing::info!(engine = %engine.id, "engine claiming build requests");
     pools::seed(&engine).await;
     tokio::spawn(reconcile_loop(Arc::clone(&engine), listeners_stop.clone()));
-    let decoded = services::watch::decoded::<bus_schema::WaitRecord>;
     services::watch::mirror_bucket(
         &engine.waits,
         (&engine.bus, ROLE),
         engine.bus.waits.clone(),
         listeners_stop.clone(),
         None,
-        decoded,
+        services::waits::decode_engine_waits,
     );
+    let waits_writer = tokio::spawn(wait_book::write_loop(Arc::clone(&engine), listeners_stop.clone()));
     let raw = services::watch::raw;
     services::watch::mirror_bucket(
         &engine.pool_entries,
@@ -191,6 +195,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
         );
     }
     listeners_stop.cancel();
+    let _ = waits_writer.await;
     Ok(())
 }
 
@@ -258,7 +263,7 @@ async fn answer_drives_questions(engine: Arc<Engine>, stop: CancellationToken) -
 const DEADLOCK_CHECK: Duration = Duration::from_millis(500);
 
 /// Agents by status and this engine's waiting steps, for `/metrics`.
-fn record_grid_metrics(engine: &Engine, waits: &[bus_schema::WaitRecord]) {
+fn record_grid_metrics(engine: &Engine) {
     let metrics = services::metrics::EngineMetrics::get();
     let (mut busy, mut idle, mut offline) = (0, 0, 0);
     for record in engine.directory.records() {
@@ -279,8 +284,7 @@ fn record_grid_metrics(engine: &Engine, waits: &[bus_schema::WaitRecord]) {
             })
             .set(count);
     }
-    let own = waits.iter().filter(|wait| wait.engine == engine.id).count();
-    metrics.waiting_steps.set(own as i64);
+    metrics.waiting_steps.set(engine.wait_book.len() as i64);
 }
 
 /// Searches the grid's wait-for graph for deadlocks. Every engine sees the same graph and
@@ -299,9 +303,9 @@ async fn deadlock_loop(engine: Arc<Engine>, stop: CancellationToken) {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .values()
-            .cloned()
+            .flat_map(|listed| listed.waits.iter().cloned())
             .collect();
-        record_grid_metrics(&engine, &waits);
+        record_grid_metrics(&engine);
         if waits.is_empty() {
             continue;
         }
@@ -396,7 +400,12 @@ async fn confirm_waits(engine: &Engine, waits: &[bus_schema::WaitRecord], group:
                 .waits
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .retain(|_, known| !(known.build_id == wait.build_id && known.step == wait.step));
+                .values_mut()
+                .for_each(|listed| {
+                    listed
+                        .waits
+                        .retain(|known| !(known.build_id == wait.build_id && known.step == wait.step))
+                });
         }
     }
     all_real

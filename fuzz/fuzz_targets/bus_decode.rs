@@ -7,7 +7,7 @@ use std::fmt::Debug;
 
 use bus_schema::{
     AgentCommand, AgentRecord, AgentReply, BuildEvent, BuildEventKind, BuildRecord, BuildRequest,
-    BuildResult, BuildState, CancelRequest, Change, ForceReply, LeaseRecord, LogChunk, LogLine, LogStream,
+    BuildResult, BuildState, CancelRequest, Change, EngineWaits, ForceReply, LeaseRecord, LogChunk, LogLine, LogStream,
     MasterCommand, MasterRecord, MasterState, PlannedStep, PoolHolder, PoolQueue, PoolRecord, PoolWaiter,
     ServerHolds, StepAssignment, StepRecord, StepResult, StepState, Timestamp, WaitRecord,
 };
@@ -49,6 +49,7 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<ForceReply>(data);
     round_trip::<LeaseRecord>(data);
     round_trip::<WaitRecord>(data);
+    round_trip::<EngineWaits>(data);
     round_trip::<PoolRecord>(data);
     round_trip::<PoolHolder>(data);
     round_trip::<ServerHolds>(data);

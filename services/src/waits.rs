@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bus_schema::{AgentRecord, WaitRecord};
+use bus_schema::{AgentRecord, DecodeError, EngineWaits, WaitRecord};
 use serde::Serialize;
 
 use crate::AgentSelector;
@@ -239,6 +239,53 @@ fn deadlocked_builds(edges: &[WaitEdge]) -> BTreeSet<String> {
         .collect()
 }
 
+/// What engine `engine` stores of its waits: every wait of a step past the master step (its
+/// build holds an agent, so it can be part of a deadlock), then the builds waiting for a
+/// master agent (which hold nothing, so no cycle runs through them) by priority and age, up
+/// to `limit` waits in all, and the number of those left out.
+pub fn engine_waits<'a>(
+    engine: &str,
+    waits: impl Iterator<Item = &'a WaitRecord>,
+    limit: usize,
+) -> EngineWaits {
+    let (mut listed, mut masters): (Vec<&WaitRecord>, Vec<&WaitRecord>) =
+        waits.partition(|wait| !wait.step.is_empty());
+    let room = limit.saturating_sub(listed.len());
+    let order = |wait: &&WaitRecord| {
+        (
+            std::cmp::Reverse(wait.priority),
+            wait.since,
+            wait.build_id.clone(),
+        )
+    };
+    let more = masters.len().saturating_sub(room);
+    if more > 0 {
+        masters.select_nth_unstable_by_key(room, order);
+        masters.truncate(room);
+    }
+    masters.sort_unstable_by_key(order);
+    listed.sort_unstable_by_key(order);
+    listed.extend(masters);
+    EngineWaits {
+        engine: engine.to_owned(),
+        waits: listed.into_iter().cloned().collect(),
+        more: more as u64,
+    }
+}
+
+/// Decodes an entry of the waits bucket: an engine's [`EngineWaits`], or a single
+/// [`WaitRecord`] as an engine of the previous release stores each wait.
+pub fn decode_engine_waits(value: &bytes::Bytes) -> Result<EngineWaits, DecodeError> {
+    bus_schema::decode::<EngineWaits>(value).or_else(|error| match bus_schema::decode::<WaitRecord>(value) {
+        Ok(single) => Ok(EngineWaits {
+            engine: single.engine.clone(),
+            waits: vec![single],
+            more: 0,
+        }),
+        Err(_) => Err(error),
+    })
+}
+
 /// Splits the deadlocked builds into groups that wait for each other.
 fn groups(edges: &[WaitEdge], deadlocked: &BTreeSet<String>) -> Vec<Vec<String>> {
     let mut neighbours: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
@@ -289,6 +336,49 @@ mod tests {
             started_at: Timestamp(0),
             heartbeat_at: Timestamp(0),
         }
+    }
+
+    #[test]
+    fn an_engine_lists_every_step_wait_then_the_master_waits_by_priority_and_age_up_to_its_limit() {
+        let at = |since: u64, priority: i32, step: &str, build: &str| WaitRecord {
+            since: Timestamp(since),
+            priority,
+            step: step.into(),
+            ..wait(build, "group=a")
+        };
+        let waits = [
+            at(5, 0, "", "m-late"),
+            at(9, 0, "step1", "s-late"),
+            at(1, 0, "", "m-early"),
+            at(7, 3, "", "m-urgent"),
+            at(2, 0, "step2", "s-early"),
+            at(3, 0, "", "m-middle"),
+        ];
+        let listed = engine_waits("e1", waits.iter(), 4);
+        let builds: Vec<&str> = listed.waits.iter().map(|wait| wait.build_id.as_str()).collect();
+        assert_eq!(builds, ["s-early", "s-late", "m-urgent", "m-early"]);
+        assert_eq!((listed.engine.as_str(), listed.more), ("e1", 2));
+        // Step waits are listed even past the limit: they are the deadlock candidates.
+        let listed = engine_waits("e1", waits.iter(), 1);
+        assert_eq!(listed.waits.len(), 2);
+        assert_eq!(listed.more, 4);
+        let everything = engine_waits("e1", waits.iter(), 100);
+        assert_eq!((everything.waits.len(), everything.more), (6, 0));
+    }
+
+    #[test]
+    fn a_waits_entry_of_the_previous_release_reads_as_its_engines_one_wait() {
+        let single = wait("b1", "group=a");
+        let value = bytes::Bytes::from(bus_schema::encode(&single));
+        let read = decode_engine_waits(&value).unwrap();
+        assert_eq!(
+            (read.engine.as_str(), read.waits.as_slice()),
+            ("e", std::slice::from_ref(&single))
+        );
+        let current = engine_waits("e2", [&single].into_iter(), 10);
+        let value = bytes::Bytes::from(bus_schema::encode(&current));
+        assert_eq!(decode_engine_waits(&value).unwrap(), current);
+        assert!(decode_engine_waits(&bytes::Bytes::from_static(b"garbage")).is_err());
     }
 
     fn wait(build: &str, agents: &str) -> WaitRecord {

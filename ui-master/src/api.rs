@@ -424,12 +424,15 @@ async fn list_agents(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 /// The grid's wait-for graph: every waiting step, the agents it could use and who holds them,
-/// and the groups of builds deadlocked among themselves.
+/// and the groups of builds deadlocked among themselves. `more` counts the builds waiting for
+/// a master agent beyond what each engine lists (they hold nothing, so no deadlock runs
+/// through them).
 async fn list_waits(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let silence_limit = state.config.engine.agent_timeout.as_millis() as u64;
     let at = now();
+    let (waits, more) = state.view.waits();
     let graph = services::waits::WaitGraph::analyze_with_pools(
-        &state.view.waits(),
+        &waits,
         &state.view.agents(),
         |agent| at.millis_since(agent.heartbeat_at) <= silence_limit,
         &state.view.pool_holders(),
@@ -439,7 +442,9 @@ async fn list_waits(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .iter()
         .map(|group| graph.describe(group))
         .collect();
-    Json(json!({ "waits": graph.waits, "deadlocks": graph.deadlocks, "descriptions": descriptions }))
+    Json(
+        json!({ "waits": graph.waits, "more": more, "deadlocks": graph.deadlocks, "descriptions": descriptions }),
+    )
 }
 
 /// One pool: each server with its holders (the seed's `@AcquiredServers`) and the queue.

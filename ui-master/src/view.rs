@@ -94,7 +94,7 @@ pub struct View {
     changes: RwLock<Changes>,
     agents: Mirror<AgentRecord>,
     masters: Mirror<MasterRecord>,
-    waits: Mirror<bus_schema::WaitRecord>,
+    waits: Mirror<bus_schema::EngineWaits>,
     /// The pools bucket as it is: definitions, acquisitions and queues, by key.
     pools: Mirror<bytes::Bytes>,
     /// Events-stream sequence applied so far, so a writer can wait to read its own write.
@@ -179,7 +179,8 @@ impl View {
             decoded,
         );
         let waits = bus.waits.clone();
-        mirror_bucket(&self.waits, (bus, ROLE), waits, stop.clone(), None, decoded);
+        let engine_waits = services::waits::decode_engine_waits;
+        mirror_bucket(&self.waits, (bus, ROLE), waits, stop.clone(), None, engine_waits);
         mirror_bucket(
             &self.pools,
             (bus, ROLE),
@@ -518,12 +519,15 @@ impl View {
     }
 
     /// Waiting steps whose build has not finished (a wait whose removal was missed is
-    /// dropped by the build's end).
-    pub fn waits(&self) -> Vec<bus_schema::WaitRecord> {
+    /// dropped by the build's end), and how many builds waiting for a master agent the
+    /// engines left out of their lists.
+    pub fn waits(&self) -> (Vec<bus_schema::WaitRecord>, u64) {
         let waits = self.waits.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         let builds = self.read_builds();
-        waits
+        let more = waits.values().map(|listed| listed.more).sum();
+        let listed = waits
             .values()
+            .flat_map(|listed| listed.waits.iter())
             .filter(|wait| {
                 builds
                     .by_id
@@ -531,7 +535,8 @@ impl View {
                     .is_none_or(|build| build.result.is_none())
             })
             .cloned()
-            .collect()
+            .collect();
+        (listed, more)
     }
 
     /// The value stored under a key of the pools bucket.

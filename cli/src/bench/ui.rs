@@ -120,6 +120,7 @@ async fn seed_builds(bus: &Bus, count: usize) -> anyhow::Result<u64> {
                     kind: "command".into(),
                 }],
                 agent: Some("bench-agent".into()),
+                waiting: None,
             },
             BuildEventKind::StepStarted {
                 index: 0,
