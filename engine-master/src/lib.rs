@@ -210,17 +210,22 @@ async fn reconcile_loop(engine: Arc<Engine>, stop: CancellationToken) {
             _ = ticker.tick() => {}
             _ = stop.cancelled() => return,
         }
-        // The cancels watch may have missed a request: ask the bucket about each running build.
-        let running: Vec<(String, CancellationToken)> = engine
-            .running
-            .iter()
-            .map(|build| (build.key().clone(), build.value().clone()))
-            .collect();
-        for (build_id, cancel) in running {
-            if let Ok(Some(_)) = engine.bus.cancels.get(&build_id).await {
-                engine.cancel_requests.insert(build_id);
-                cancel.cancel();
+        // The cancels watch may have missed a request: list the bucket's keys (one read,
+        // however many builds run or wait) and cancel the running builds among them.
+        match engine.bus.cancels.keys().await {
+            Ok(keys) => {
+                let requested: Vec<String> = keys
+                    .filter_map(|key| std::future::ready(key.ok()))
+                    .collect()
+                    .await;
+                for build_id in requested {
+                    if let Some(cancel) = engine.running.get(&build_id).map(|token| token.value().clone()) {
+                        engine.cancel_requests.insert(build_id);
+                        cancel.cancel();
+                    }
+                }
             }
+            Err(error) => tracing::debug!(%error, "cancels not listed; next pass tries again"),
         }
         engine.directory.reconcile();
         if let Ok(mut requests) = engine.bus.stream(subjects::REQUESTS_STREAM).await {

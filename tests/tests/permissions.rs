@@ -18,6 +18,10 @@ const CONFIG: &str = r#"
 [http]
 snapshot_interval = "1s"
 
+# The engine's reconcile pass (which lists the cancels bucket) runs under its permissions too.
+[masters]
+reconcile_interval = "1s"
+
 [[pool]]
 role = "testers"
 servers = ["s1"]
