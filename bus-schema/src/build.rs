@@ -254,9 +254,17 @@ impl BuildRecord {
         }
     }
 
-    /// Applies one event of this build.
+    /// Applies one event of this build, and first the events stored with it.
     pub fn apply(&mut self, event: &BuildEvent) {
-        match &event.kind {
+        for earlier in &event.earlier {
+            self.apply_kind(earlier.at, &earlier.kind);
+        }
+        self.apply_kind(event.at, &event.kind);
+    }
+
+    /// Applies one event, of kind `kind`, that happened at `at`.
+    fn apply_kind(&mut self, at: Timestamp, kind: &BuildEventKind) {
+        match kind {
             BuildEventKind::Requested(request) => {
                 self.builder.clone_from(&request.builder);
                 self.reason.clone_from(&request.reason);
@@ -283,7 +291,7 @@ impl BuildRecord {
                     step.kind.clone_from(&planned.kind);
                 }
                 if let Some(agent) = agent {
-                    self.hold_master(agent, event.at);
+                    self.hold_master(agent, at);
                 }
                 if let Some(reason) = waiting {
                     self.wait_for_master(reason);
@@ -293,7 +301,7 @@ impl BuildRecord {
             BuildEventKind::PropertySet { name, value } => {
                 self.properties.insert(name.clone(), value.clone());
             }
-            BuildEventKind::MasterAgent { agent } => self.hold_master(agent, event.at),
+            BuildEventKind::MasterAgent { agent } => self.hold_master(agent, at),
             BuildEventKind::StepWaiting {
                 index,
                 attempt,
@@ -317,7 +325,7 @@ impl BuildRecord {
                     self.message = None;
                 }
                 self.advance(BuildState::Running);
-                self.started_at.get_or_insert(event.at);
+                self.started_at.get_or_insert(at);
                 let Some(step) = self.step_mut(*attempt, *index) else {
                     return;
                 };
@@ -328,7 +336,7 @@ impl BuildRecord {
                 let asked_again =
                     step.started_at.is_some() && step.agent == agent && step.agent_session == *agent_session;
                 if !asked_again {
-                    step.started_at = Some(event.at);
+                    step.started_at = Some(at);
                 }
                 step.agent = agent;
                 step.agent_session.clone_from(agent_session);
@@ -351,7 +359,7 @@ impl BuildRecord {
                 step.result = Some(*result);
                 step.exit_code = *exit_code;
                 step.message.clone_from(message);
-                step.finished_at = Some(event.at);
+                step.finished_at = Some(at);
             }
             BuildEventKind::StepSkipped { index, attempt } => {
                 let Some(step) = self.step_mut(*attempt, *index) else {
@@ -379,7 +387,7 @@ impl BuildRecord {
                 self.retries.push(RetryRecord {
                     attempt: *attempt,
                     reason: reason.clone(),
-                    at: event.at,
+                    at,
                     steps: earlier,
                 });
             }
@@ -387,7 +395,7 @@ impl BuildRecord {
                 self.state = BuildState::Finished;
                 self.result = Some(*result);
                 self.message.clone_from(message);
-                self.finished_at = Some(event.at);
+                self.finished_at = Some(at);
             }
         }
     }
@@ -399,11 +407,7 @@ mod tests {
     use crate::PlannedStep;
 
     fn event(kind: BuildEventKind, at: u64) -> BuildEvent {
-        BuildEvent {
-            build_id: "b1".into(),
-            at: Timestamp(at),
-            kind,
-        }
+        BuildEvent::new("b1", Timestamp(at), kind)
     }
 
     fn request() -> BuildRequest {
@@ -416,6 +420,57 @@ mod tests {
             priority: 0,
             requested_at: Timestamp(1),
         }
+    }
+
+    #[test]
+    fn events_stored_with_a_later_one_fold_first_at_their_own_time() {
+        let mut record = BuildRecord::requested(&request());
+        let mut started = event(
+            BuildEventKind::StepStarted {
+                index: 0,
+                attempt: 0,
+                agent: "a1".into(),
+                agent_session: None,
+            },
+            5,
+        );
+        started.earlier = vec![crate::EarlierEvent {
+            at: Timestamp(3),
+            kind: BuildEventKind::Claimed {
+                engine: "e1".into(),
+                steps: vec![PlannedStep {
+                    name: "compile".into(),
+                    path: "compile".into(),
+                    kind: "command".into(),
+                }],
+                agent: Some("a1".into()),
+                waiting: None,
+            },
+        }];
+        let stored = crate::encode(&started);
+        record.apply(&crate::decode::<BuildEvent>(&stored).unwrap());
+        assert_eq!(record.engine.as_deref(), Some("e1"));
+        assert_eq!(
+            (record.agent.as_deref(), record.started_at),
+            (Some("a1"), Some(Timestamp(3)))
+        );
+        assert_eq!(record.steps[0].name, "compile");
+        assert_eq!(record.steps[0].state, StepState::Running);
+        assert_eq!(record.steps[0].started_at, Some(Timestamp(5)));
+        // An event with nothing stored with it is encoded as before `earlier` existed.
+        let alone = event(BuildEventKind::MasterAgent { agent: "a1".into() }, 4);
+        #[derive(serde::Serialize)]
+        struct Before<'a> {
+            build_id: &'a str,
+            at: Timestamp,
+            kind: &'a BuildEventKind,
+        }
+        let before = Before {
+            build_id: &alone.build_id,
+            at: alone.at,
+            kind: &alone.kind,
+        };
+        assert_eq!(crate::encode(&alone), crate::encode(&before));
     }
 
     #[test]

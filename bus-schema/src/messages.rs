@@ -67,6 +67,29 @@ pub struct BuildEvent {
     pub build_id: String,
     pub at: Timestamp,
     pub kind: BuildEventKind,
+    /// Events of the build that happened before this one and were held back to be stored
+    /// with it, oldest first: one message, one write (an engine holds back its claim and
+    /// the build's master agent until the build's next event).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<EarlierEvent>,
+}
+
+impl BuildEvent {
+    pub fn new(build_id: impl Into<String>, at: Timestamp, kind: BuildEventKind) -> BuildEvent {
+        BuildEvent {
+            build_id: build_id.into(),
+            at,
+            kind,
+            earlier: Vec::new(),
+        }
+    }
+}
+
+/// An event stored ahead of another of the same build, in [`BuildEvent::earlier`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlierEvent {
+    pub at: Timestamp,
+    pub kind: BuildEventKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -15,7 +15,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use bus_schema::{
     subjects, AgentCommand, AgentReply, BuildEvent, BuildEventKind, BuildRecord, BuildRequest, BuildResult,
-    LogChunk, LogLine, LogStream, PlannedStep, StepAssignment, StepResult, StepState, WaitRecord,
+    EarlierEvent, LogChunk, LogLine, LogStream, PlannedStep, StepAssignment, StepResult, StepState,
+    WaitRecord,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -127,6 +128,7 @@ pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
         properties: Mutex::new(properties),
         pending_acks: Mutex::new(Vec::new()),
         unannounced_claim: Mutex::new(None),
+        held: Mutex::new(Vec::new()),
     };
     // An adopted build continues from what its events say; if they cannot be read now (the
     // bus failing over), it must not start over as if new: leave it claimed but unfinished,
@@ -287,10 +289,14 @@ struct BuildDriver {
     /// Build properties: builder defaults, the request's, and those set while it runs.
     properties: Mutex<BTreeMap<String, String>>,
     /// Events published but not yet confirmed stored, kept to publish again on failure.
-    pending_acks: Mutex<Vec<(BuildEventKind, jetstream::context::PublishAckFuture)>>,
-    /// The plan of a claim not yet announced: the `claimed` event goes out with the build's
-    /// next event, and names the master agent when that event would have (one event fewer).
+    pending_acks: Mutex<Vec<(BuildEvent, jetstream::context::PublishAckFuture)>>,
+    /// The plan of a claim not yet announced: the `claimed` event names the master agent
+    /// when that event would have, or why the build waits for one (one event fewer).
     unannounced_claim: Mutex<Option<Vec<PlannedStep>>>,
+    /// Events held back to be stored with the build's next event, in one message
+    /// ([`BuildEvent::earlier`]): the claim, and the master agent, are always followed at
+    /// once by the build's next event (a step's start, a wait, a skip).
+    held: Mutex<Vec<EarlierEvent>>,
 }
 
 impl BuildDriver {
@@ -306,76 +312,84 @@ impl BuildDriver {
         self.holds.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The events to publish for `kind`: the unannounced claim first, if there is one, or in
-    /// place of `kind` if `kind` names the master agent or why the build waits for one.
-    fn with_claim(&self, kind: BuildEventKind) -> (Option<BuildEventKind>, BuildEventKind) {
-        let plan = self
+    /// The messages to store for `kind` now, oldest first: none when it is held back for the
+    /// build's next event; else `kind` carrying the held events, or, for an event stored once
+    /// per build (whose message id must stay its own), the held events before it.
+    fn outgoing(&self, kind: BuildEventKind) -> Vec<BuildEvent> {
+        let at = now();
+        let claim = self
             .unannounced_claim
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
-        let Some(steps) = plan else {
-            return (None, kind);
+        let mut held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let kind = match claim {
+            None => kind,
+            Some(steps) => {
+                let engine = self.engine.id.clone();
+                let (agent, waiting) = match &kind {
+                    BuildEventKind::MasterAgent { agent } => (Some(agent.clone()), None),
+                    BuildEventKind::Waiting { reason } => (None, Some(reason.clone())),
+                    _ => (None, None),
+                };
+                let folded = agent.is_some() || waiting.is_some();
+                let claimed = BuildEventKind::Claimed {
+                    engine,
+                    steps,
+                    agent,
+                    waiting,
+                };
+                if folded {
+                    claimed
+                } else {
+                    held.push(EarlierEvent { at, kind: claimed });
+                    kind
+                }
+            }
         };
-        let engine = self.engine.id.clone();
-        match kind {
-            BuildEventKind::MasterAgent { agent } => (
-                None,
-                BuildEventKind::Claimed {
-                    engine,
-                    steps,
-                    agent: Some(agent),
-                    waiting: None,
-                },
-            ),
-            BuildEventKind::Waiting { reason } => (
-                None,
-                BuildEventKind::Claimed {
-                    engine,
-                    steps,
-                    agent: None,
-                    waiting: Some(reason),
-                },
-            ),
-            kind => (
-                Some(BuildEventKind::Claimed {
-                    engine,
-                    steps,
-                    agent: None,
-                    waiting: None,
-                }),
-                kind,
-            ),
+        let holds_back = match &kind {
+            BuildEventKind::MasterAgent { .. } => true,
+            BuildEventKind::Claimed { agent, .. } => agent.is_some(),
+            _ => false,
+        };
+        if holds_back {
+            held.push(EarlierEvent { at, kind });
+            return Vec::new();
         }
+        let mut earlier = std::mem::take(&mut *held);
+        let mut event = BuildEvent::new(self.id(), at, kind);
+        if event.kind.once_per_build_id(self.id()).is_none() {
+            event.earlier = earlier;
+            return vec![event];
+        }
+        let mut messages = Vec::new();
+        if let Some(last) = earlier.pop() {
+            let mut alone = BuildEvent::new(self.id(), last.at, last.kind);
+            alone.earlier = earlier;
+            messages.push(alone);
+        }
+        messages.push(event);
+        messages
     }
 
     /// Publishes an event without waiting for it to be stored; [`Self::flush_events`] makes
     /// sure it was.
     async fn publish(&self, kind: BuildEventKind) {
-        let kind = self.claim_first(kind).await;
-        self.publish_now(kind).await;
-    }
-
-    /// Publishes the unannounced claim ahead of `kind`, or folds it into `kind`; returns what
-    /// is left to publish.
-    async fn claim_first(&self, kind: BuildEventKind) -> BuildEventKind {
-        let (claim, kind) = self.with_claim(kind);
-        if let Some(claim) = claim {
-            self.publish_now(claim).await;
+        for event in self.outgoing(kind) {
+            self.publish_now(event).await;
         }
-        kind
     }
 
-    async fn publish_now(&self, kind: BuildEventKind) {
-        match self.engine.bus.publish_event(self.id(), kind.clone()).await {
+    async fn publish_now(&self, event: BuildEvent) {
+        match self.engine.bus.publish_built_event(&event).await {
             Ok(ack) => self
                 .pending_acks
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .push((kind, ack)),
+                .push((event, ack)),
             Err(error) => {
                 tracing::warn!(build = %self.id(), %error, "event not published; storing it again");
-                self.store_retrying(kind).await;
+                self.store_retrying(event).await;
             }
         }
     }
@@ -391,26 +405,30 @@ impl BuildDriver {
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
         );
         let mut all_stored = true;
-        for (kind, ack) in pending {
+        for (event, ack) in pending {
             if let Err(error) = ack.into_future().await {
                 tracing::warn!(build = %self.id(), %error, "event not stored; storing it again");
-                all_stored &= self.store_retrying(kind).await;
+                all_stored &= self.store_retrying(event).await;
             }
         }
         all_stored
     }
 
-    /// Stores an event, retrying with backoff while the bus refuses it; false if it gave up.
+    /// Stores an event (with what was held back for it), retrying with backoff while the bus
+    /// refuses it; false if it gave up.
     async fn store_with_retries(&self, kind: BuildEventKind) -> bool {
-        let kind = self.claim_first(kind).await;
-        self.store_retrying(kind).await
+        let mut all_stored = true;
+        for event in self.outgoing(kind) {
+            all_stored &= self.store_retrying(event).await;
+        }
+        all_stored
     }
 
-    /// [`Self::store_with_retries`] without announcing the claim.
-    async fn store_retrying(&self, kind: BuildEventKind) -> bool {
+    /// Stores one message, retrying with backoff while the bus refuses it; false if it gave up.
+    async fn store_retrying(&self, event: BuildEvent) -> bool {
         let mut delay = Duration::from_millis(50);
         for try_number in 1..=20 {
-            match self.engine.bus.store_event(self.id(), kind.clone()).await {
+            match self.engine.bus.store_built_event(&event).await {
                 Ok(_) => return true,
                 Err(error) => {
                     tracing::warn!(build = %self.id(), %error, try_number, "event not stored; retrying");
@@ -419,7 +437,7 @@ impl BuildDriver {
                 }
             }
         }
-        tracing::error!(build = %self.id(), ?kind, "event not stored: the bus did not take it");
+        tracing::error!(build = %self.id(), kind = ?event.kind, "event not stored: the bus did not take it");
         false
     }
 

@@ -237,16 +237,13 @@ impl Bus {
         at: Timestamp,
         kind: BuildEventKind,
     ) -> Result<jetstream::context::PublishAckFuture, Error> {
-        self.publish_built_event(&BuildEvent {
-            build_id: build_id.to_owned(),
-            at,
-            kind,
-        })
-        .await
+        self.publish_built_event(&BuildEvent::new(build_id, at, kind))
+            .await
     }
 
-    /// Publishes `event`, with its message id if the build has it only once.
-    async fn publish_built_event(
+    /// Publishes `event` (with the events stored with it), with its message id if the build
+    /// has it only once; await the returned future for JetStream to store it.
+    pub async fn publish_built_event(
         &self,
         event: &BuildEvent,
     ) -> Result<jetstream::context::PublishAckFuture, Error> {
@@ -323,16 +320,23 @@ impl Bus {
         Ok(ack.sequence)
     }
 
+    /// [`Bus::publish_built_event`], waiting until JetStream stored it.
+    pub async fn store_built_event(&self, event: &BuildEvent) -> Result<u64, Error> {
+        let ack = self.publish_built_event(event).await?;
+        let ack = ack.await.map_err(|e| Error::nats("storing a build event", e))?;
+        Ok(ack.sequence)
+    }
+
     /// Stores a build request and its `requested` event (both deduplicated on the build id,
     /// so a retried request is stored once). Returns the events-stream sequence of the
     /// `requested` event.
     pub async fn store_build_request(&self, request: &BuildRequest) -> Result<u64, Error> {
         let payload = Bytes::from(bus_schema::encode(request));
-        let event = BuildEvent {
-            build_id: request.build_id.clone(),
-            at: request.requested_at,
-            kind: BuildEventKind::Requested(request.clone()),
-        };
+        let event = BuildEvent::new(
+            request.build_id.clone(),
+            request.requested_at,
+            BuildEventKind::Requested(request.clone()),
+        );
         let event_ack = self.publish_built_event(&event).await?;
         let request_ack = self
             .jetstream
