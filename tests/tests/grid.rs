@@ -344,6 +344,8 @@ async fn with_the_wait_policy_a_deadlock_is_only_reported() {
     expected.sort();
     assert_eq!(group, expected);
     assert_eq!(graph["waits"].as_array().unwrap().len(), 2, "{graph}");
+    // Both wait past their master step, so both are listed, and nothing is left out.
+    assert_eq!(graph["more"], 0, "{graph}");
     // Nothing is ended: both still wait, until someone cancels one; then the other goes on.
     for id in &ids {
         let build = cluster.api.build(id).await;
