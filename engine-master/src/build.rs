@@ -1367,6 +1367,10 @@ impl BuildDriver {
                     }
                     if !alive {
                         self.engine.step_results.remove(&key);
+                        // Its last heartbeat may still look fresh to the directory (pings to a
+                        // dead connection fail at once): no new work for it, the build's retry
+                        // included, until it is heard from again.
+                        self.engine.directory.mark_unreachable(agent);
                         return NodeEnd::AgentLost(format!(
                             "agent {agent} was lost while running step {index} (no heartbeat or answer to pings for {}s)",
                             self.engine.config.engine.agent_timeout.as_secs()

@@ -667,3 +667,45 @@ async fn a_change_posted_again_with_its_idempotency_key_is_one_change() {
         "{body}"
     );
 }
+
+/// An agent that dies while it runs a step is declared lost, and the build is retried. Its
+/// last heartbeat can still look fresh to the engine's directory for a moment after that (a
+/// dead connection fails the engine's pings at once), but the retry must not be handed to the
+/// agent it was just lost on: with that agent the only one that can run the build, the retry
+/// waits until the agent is heard from again (here, restarted), and the build costs one
+/// retry and succeeds, rather than ending lost with its one retry spent on a dead agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_waits_for_the_agent_it_was_lost_on_to_be_heard_from_again() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    let ui = deployment
+        .start_masters_and_agents(&["engine-1"], &[("a1", "os=linux")])
+        .await;
+    let id = ui.force("slow", json!({})).await;
+    let step = (id.clone(), "slow".to_owned());
+    wait_until("the step's process to run", Duration::from_secs(60), || async {
+        executions(&deployment).contains_key(&step).then_some(())
+    })
+    .await;
+    deployment.kill("a1");
+    let lost = ui
+        .wait_build(&id, Duration::from_secs(60), |build| {
+            build["retries"]
+                .as_array()
+                .is_some_and(|retries| !retries.is_empty())
+        })
+        .await;
+    let reason = lost["retries"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("agent a1 was lost"), "{lost}");
+    deployment.agent("a1", "os=linux");
+
+    let build = ui.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(build["result"], "success", "{build}\n{}", deployment.logs());
+    let retries = build["retries"].as_array().unwrap();
+    assert_eq!(
+        retries.len(),
+        1,
+        "one retry, run once the agent was back: {build}"
+    );
+    assert_eq!(executions(&deployment).get(&step), Some(&2), "{build}");
+}
