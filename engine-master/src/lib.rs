@@ -199,6 +199,9 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
     Ok(())
 }
 
+/// How long the reconcile pass may take to list the cancels bucket.
+const CANCELS_LISTING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Repairs, on an interval, what push events may have missed: cancel requests of running
 /// builds, and waiting builds that an agent coming back to life could serve. (Missed step
 /// results are looked up by each build's driver.)
@@ -212,12 +215,18 @@ async fn reconcile_loop(engine: Arc<Engine>, stop: CancellationToken) {
         }
         // The cancels watch may have missed a request: list the bucket's keys (one read,
         // however many builds run or wait) and cancel the running builds among them.
-        match engine.bus.cancels.keys().await {
-            Ok(keys) => {
-                let requested: Vec<String> = keys
-                    .filter_map(|key| std::future::ready(key.ok()))
+        // Bounded: a listing caught in a NATS failover must not stall the pass for good.
+        let listing = tokio::time::timeout(CANCELS_LISTING_TIMEOUT, async {
+            let keys = engine.bus.cancels.keys().await?;
+            Ok::<Vec<String>, async_nats::jetstream::kv::HistoryError>(
+                keys.filter_map(|key| std::future::ready(key.ok()))
                     .collect()
-                    .await;
+                    .await,
+            )
+        })
+        .await;
+        match listing {
+            Ok(Ok(requested)) => {
                 for build_id in requested {
                     if let Some(cancel) = engine.running.get(&build_id).map(|token| token.value().clone()) {
                         engine.cancel_requests.insert(build_id);
@@ -225,7 +234,8 @@ async fn reconcile_loop(engine: Arc<Engine>, stop: CancellationToken) {
                     }
                 }
             }
-            Err(error) => tracing::debug!(%error, "cancels not listed; next pass tries again"),
+            Ok(Err(error)) => tracing::debug!(%error, "cancels not listed; next pass tries again"),
+            Err(_) => tracing::debug!("cancels not listed in time; next pass tries again"),
         }
         engine.directory.reconcile();
         if let Ok(mut requests) = engine.bus.stream(subjects::REQUESTS_STREAM).await {
