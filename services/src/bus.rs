@@ -300,24 +300,18 @@ impl Bus {
             .map_err(|e| Error::nats(format!("creating consumer {consumer_name}"), e))
     }
 
-    /// Publishes a build event and waits until JetStream stored it. Events a build has once
-    /// carry a message id (`BuildEventKind::once_per_build_id`), so publishing one again after
-    /// a lost ack (or a second engine finishing an adopted build) stores it once.
-    pub async fn store_event(&self, build_id: &str, kind: BuildEventKind) -> Result<u64, Error> {
-        self.store_event_at(build_id, now(), kind).await
-    }
-
-    /// [`Bus::store_event`] for an event that happened at `at`: an agent reports a step's end
-    /// with the time the step ended, however long storing it takes.
+    /// Publishes a build event that happened at `at` and waits until JetStream stored it (an
+    /// agent reports a step's end with the time the step ended, however long storing it
+    /// takes). Events a build has once carry a message id (`BuildEventKind::once_per_build_id`),
+    /// so publishing one again after a lost ack (or a second engine finishing an adopted
+    /// build) stores it once.
     pub async fn store_event_at(
         &self,
         build_id: &str,
         at: Timestamp,
         kind: BuildEventKind,
     ) -> Result<u64, Error> {
-        let ack = self.publish_event_at(build_id, at, kind).await?;
-        let ack = ack.await.map_err(|e| Error::nats("storing a build event", e))?;
-        Ok(ack.sequence)
+        self.store_built_event(&BuildEvent::new(build_id, at, kind)).await
     }
 
     /// [`Bus::publish_built_event`], waiting until JetStream stored it.

@@ -251,20 +251,18 @@ pub fn engine_waits<'a>(
     let (mut listed, mut masters): (Vec<&WaitRecord>, Vec<&WaitRecord>) =
         waits.partition(|wait| !wait.step.is_empty());
     let room = limit.saturating_sub(listed.len());
-    let order = |wait: &&WaitRecord| {
-        (
-            std::cmp::Reverse(wait.priority),
-            wait.since,
-            wait.build_id.clone(),
-        )
-    };
+    // Compared by reference: this runs on every write of an engine's waits, over every wait.
+    fn key(wait: &WaitRecord) -> (std::cmp::Reverse<i32>, bus_schema::Timestamp, &str) {
+        (std::cmp::Reverse(wait.priority), wait.since, &wait.build_id)
+    }
+    let order = |a: &&WaitRecord, b: &&WaitRecord| key(a).cmp(&key(b));
     let more = masters.len().saturating_sub(room);
     if more > 0 {
-        masters.select_nth_unstable_by_key(room, order);
+        masters.select_nth_unstable_by(room, order);
         masters.truncate(room);
     }
-    masters.sort_unstable_by_key(order);
-    listed.sort_unstable_by_key(order);
+    masters.sort_unstable_by(order);
+    listed.sort_unstable_by(order);
     listed.extend(masters);
     EngineWaits {
         engine: engine.to_owned(),

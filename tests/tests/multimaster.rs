@@ -141,6 +141,18 @@ fn executions(deployment: &Deployment) -> BTreeMap<(String, String), usize> {
     counts
 }
 
+/// Forces a `slow` build and waits until its step's process runs; returns the build id and
+/// the step's key in [`executions`].
+async fn force_slow_until_its_step_runs(deployment: &Deployment, ui: &Api) -> (String, (String, String)) {
+    let id = ui.force("slow", json!({})).await;
+    let step = (id.clone(), "slow".to_owned());
+    wait_until("the step's process to run", Duration::from_secs(60), || async {
+        executions(deployment).contains_key(&step).then_some(())
+    })
+    .await;
+    (id, step)
+}
+
 /// Every build succeeded, and every step of every build ran exactly once.
 fn assert_exactly_once(deployment: &Deployment, builds: &[Value]) {
     let counts = executions(deployment);
@@ -273,12 +285,7 @@ async fn a_step_that_died_with_its_engine_and_agent_runs_again_only_as_a_retry()
     let ui = deployment
         .start_masters_and_agents(&["engine-1"], &[("a1", "os=linux")])
         .await;
-    let id = ui.force("slow", json!({})).await;
-    let step = (id.clone(), "slow".to_owned());
-    wait_until("the step's process to run", Duration::from_secs(60), || async {
-        executions(&deployment).contains_key(&step).then_some(())
-    })
-    .await;
+    let (id, step) = force_slow_until_its_step_runs(&deployment, &ui).await;
     // A faster idle agent, which the directory would pick for the adopted build.
     deployment.agent_with_args("a2", "os=linux", &["--benchmark", "500"]);
     ui.wait_agents(1).await;
@@ -681,12 +688,7 @@ async fn a_retry_waits_for_the_agent_it_was_lost_on_to_be_heard_from_again() {
     let ui = deployment
         .start_masters_and_agents(&["engine-1"], &[("a1", "os=linux")])
         .await;
-    let id = ui.force("slow", json!({})).await;
-    let step = (id.clone(), "slow".to_owned());
-    wait_until("the step's process to run", Duration::from_secs(60), || async {
-        executions(&deployment).contains_key(&step).then_some(())
-    })
-    .await;
+    let (id, step) = force_slow_until_its_step_runs(&deployment, &ui).await;
     deployment.kill("a1");
     let lost = ui
         .wait_build(&id, Duration::from_secs(60), |build| {
