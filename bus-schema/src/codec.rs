@@ -132,6 +132,29 @@ mod tests {
     }
 
     #[test]
+    fn a_force_reply_without_a_build_id_still_decodes() {
+        use crate::messages::ForceReply;
+        /// `ForceReply::Stored` as schedulers that predate its `build_id` encode it.
+        #[derive(Serialize)]
+        enum OldForceReply {
+            Stored { sequence: u64 },
+        }
+        let old = encode(&OldForceReply::Stored { sequence: 7 });
+        assert_eq!(
+            decode::<ForceReply>(&old).unwrap(),
+            ForceReply::Stored {
+                sequence: 7,
+                build_id: None
+            }
+        );
+        let new = ForceReply::Stored {
+            sequence: 7,
+            build_id: Some("01J0".into()),
+        };
+        assert_eq!(decode::<ForceReply>(&encode(&new)).unwrap(), new);
+    }
+
+    #[test]
     fn another_protocol_version_is_refused() {
         let payload = rmp_serde::to_vec_named(&EnvelopeRef { v: 99, m: &1u8 }).unwrap();
         match decode::<u8>(&payload) {

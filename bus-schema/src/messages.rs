@@ -373,8 +373,14 @@ pub enum MasterCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ForceReply {
     /// The request and its `requested` event are stored; `sequence` is the event's sequence
-    /// in the events stream.
-    Stored { sequence: u64 },
+    /// in the events stream, `build_id` the id of the build stored (the one stored first,
+    /// when the request named a delivery that came before; `None` from schedulers that
+    /// predate it, which store the request as asked).
+    Stored {
+        sequence: u64,
+        #[serde(default)]
+        build_id: Option<String>,
+    },
     /// The request is not acceptable (a builder no `force` scheduler lists, a bad property
     /// name), and why.
     Refused { reason: String },

@@ -105,6 +105,11 @@ pub fn force(builder: &str) -> String {
     format!("yard.force.{}", token_or_underscore(builder))
 }
 
+/// Header of a [`force`] request naming the submission (an API client's `Idempotency-Key`,
+/// scoped to its sender): the same key again within the events stream's duplicate window is
+/// the build stored first.
+pub const FORCE_DELIVERY_HEADER: &str = "Yard-Delivery";
+
 /// Filter matching every forced-build subject.
 pub const FORCE_ALL: &str = "yard.force.>";
 

@@ -110,7 +110,19 @@ async fn answer_forced_builds(
             };
             let (bus, config) = (bus.clone(), Arc::clone(&config));
             tokio::spawn(async move {
-                let reply = store_forced_build(&bus, &config, &message.subject, &message.payload).await;
+                let delivery = message
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get(subjects::FORCE_DELIVERY_HEADER))
+                    .map(|value| value.as_str().to_owned());
+                let reply = store_forced_build(
+                    &bus,
+                    &config,
+                    &message.subject,
+                    &message.payload,
+                    delivery.as_deref(),
+                )
+                .await;
                 if let Err(error) = bus
                     .client
                     .publish(reply_to, bus_schema::encode(&reply).into())
@@ -123,8 +135,18 @@ async fn answer_forced_builds(
     })))
 }
 
-/// Checks a forced build asked on `subject` and stores it.
-async fn store_forced_build(bus: &Bus, config: &YardConfig, subject: &str, payload: &[u8]) -> ForceReply {
+/// The longest delivery (a forced build's [`subjects::FORCE_DELIVERY_HEADER`]) accepted.
+const MAX_DELIVERY_BYTES: usize = 1024;
+
+/// Checks a forced build asked on `subject` and stores it, once per `delivery` if it names
+/// one.
+async fn store_forced_build(
+    bus: &Bus,
+    config: &YardConfig,
+    subject: &str,
+    payload: &[u8],
+    delivery: Option<&str>,
+) -> ForceReply {
     let refused = |reason: String| ForceReply::Refused { reason };
     let request: BuildRequest = match bus_schema::decode(payload) {
         Ok(request) => request,
@@ -154,10 +176,19 @@ async fn store_forced_build(bus: &Bus, config: &YardConfig, subject: &str, paylo
             "property name {bad:?} must be letters, digits and `_`, not start with a digit or YARD_"
         ));
     }
-    match bus.store_build_request(&request).await {
-        Ok(sequence) => {
-            tracing::debug!(build = %request.build_id, builder = %request.builder, "forced build stored");
-            ForceReply::Stored { sequence }
+    if let Some(bad) = delivery.filter(|delivery| delivery.is_empty() || delivery.len() > MAX_DELIVERY_BYTES)
+    {
+        return refused(format!(
+            "delivery {bad:?} must be 1 to {MAX_DELIVERY_BYTES} bytes"
+        ));
+    }
+    match bus.store_build_request(&request, delivery).await {
+        Ok(stored) => {
+            tracing::debug!(build = %stored.build_id, builder = %request.builder, "forced build stored");
+            ForceReply::Stored {
+                sequence: stored.sequence,
+                build_id: Some(stored.build_id),
+            }
         }
         Err(error) => {
             tracing::warn!(build = %request.build_id, %error, "forced build not stored");
@@ -294,7 +325,7 @@ async fn handle_change(bus: &Bus, scheduler: &SchedulerConfig, message: async_na
             .iter()
             .map(|builder| build_request(scheduler, builder, &change));
         let stored = futures::future::join_all(requests.map(|request| async move {
-            let result = bus.store_build_request(&request).await;
+            let result = bus.store_build_request(&request, None).await;
             (request, result)
         }))
         .await;

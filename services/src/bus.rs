@@ -45,6 +45,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    UnexpectedMessage(String),
     #[error("{context}: {source}")]
     Nats {
         context: String,
@@ -60,6 +62,14 @@ impl Error {
             source: source.into(),
         }
     }
+}
+
+/// A build request as stored: its `requested` event's sequence in the events stream, and the
+/// id of the build stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRequest {
+    pub sequence: u64,
+    pub build_id: String,
 }
 
 /// A connection to the bus with handles to everything Yardmaster stores there.
@@ -322,29 +332,94 @@ impl Bus {
     }
 
     /// Stores a build request and its `requested` event (both deduplicated on the build id,
-    /// so a retried request is stored once). Returns the events-stream sequence of the
-    /// `requested` event.
-    pub async fn store_build_request(&self, request: &BuildRequest) -> Result<u64, Error> {
-        let payload = Bytes::from(bus_schema::encode(request));
+    /// so a retried request is stored once).
+    ///
+    /// With `delivery` (a submission that names itself: an API client's `Idempotency-Key`),
+    /// both are deduplicated on it instead: the same delivery again within the duplicate
+    /// window ([`DEDUP_WINDOW`]) stores no second build, completes the first one's request if
+    /// only its event got stored, and answers the first build's id.
+    pub async fn store_build_request(
+        &self,
+        request: &BuildRequest,
+        delivery: Option<&str>,
+    ) -> Result<StoredRequest, Error> {
         let event = BuildEvent::new(
             request.build_id.clone(),
             request.requested_at,
             BuildEventKind::Requested(request.clone()),
         );
-        let event_ack = self.publish_built_event(&event).await?;
-        let request_ack = self
+        let Some(delivery) = delivery else {
+            let event_ack = self.publish_built_event(&event).await?;
+            let request_ack = self.publish_request(request, &request.build_id).await?;
+            let (event_ack, request_ack) = futures::join!(event_ack.into_future(), request_ack.into_future());
+            request_ack.map_err(|e| Error::nats("storing a build request", e))?;
+            let event_ack = event_ack.map_err(|e| Error::nats("storing a requested event", e))?;
+            return Ok(StoredRequest {
+                sequence: event_ack.sequence,
+                build_id: request.build_id.clone(),
+            });
+        };
+        let message_id = format!("delivery-{delivery}");
+        let event_ack = self
             .jetstream
             .publish_with_headers(
-                subjects::request(&request.builder),
-                dedup_headers(&request.build_id),
-                payload,
+                subjects::event(&request.build_id, event.kind.subject_kind()),
+                dedup_headers(&message_id),
+                Bytes::from(bus_schema::encode(&event)),
             )
             .await
-            .map_err(|e| Error::nats("publishing a build request", e))?;
-        let (event_ack, request_ack) = futures::join!(event_ack.into_future(), request_ack.into_future());
-        request_ack.map_err(|e| Error::nats("storing a build request", e))?;
-        let event_ack = event_ack.map_err(|e| Error::nats("storing a requested event", e))?;
-        Ok(event_ack.sequence)
+            .map_err(|e| Error::nats("publishing a requested event", e))?
+            .await
+            .map_err(|e| Error::nats("storing a requested event", e))?;
+        let stored = if event_ack.duplicate {
+            // A duplicate's ack carries the sequence of the message stored first.
+            let first = self
+                .jetstream
+                .get_stream_no_info(subjects::EVENTS_STREAM)
+                .await
+                .map_err(|e| Error::nats("opening the events stream", e))?
+                .get_raw_message(event_ack.sequence)
+                .await
+                .map_err(|e| Error::nats("reading the build requested first", e))?;
+            match bus_schema::decode::<BuildEvent>(&first.payload) {
+                Ok(BuildEvent {
+                    kind: BuildEventKind::Requested(first),
+                    ..
+                }) => first,
+                Ok(other) => {
+                    return Err(Error::UnexpectedMessage(format!(
+                        "delivery {delivery} was first stored as a {} event, not a build request",
+                        other.kind.subject_kind()
+                    )))
+                }
+                Err(error) => return Err(Error::nats("decoding the build requested first", error)),
+            }
+        } else {
+            request.clone()
+        };
+        self.publish_request(&stored, &message_id)
+            .await?
+            .await
+            .map_err(|e| Error::nats("storing a build request", e))?;
+        Ok(StoredRequest {
+            sequence: event_ack.sequence,
+            build_id: stored.build_id,
+        })
+    }
+
+    async fn publish_request(
+        &self,
+        request: &BuildRequest,
+        message_id: &str,
+    ) -> Result<jetstream::context::PublishAckFuture, Error> {
+        self.jetstream
+            .publish_with_headers(
+                subjects::request(&request.builder),
+                dedup_headers(message_id),
+                Bytes::from(bus_schema::encode(request)),
+            )
+            .await
+            .map_err(|e| Error::nats("publishing a build request", e))
     }
 
     /// Stores a change and waits until JetStream has it; returns the id of the change stored.

@@ -282,6 +282,8 @@ pub fn permissions(role: &Role) -> Option<Permissions> {
                 // Build requests and their `requested` events.
                 .publish(subjects::REQUESTS_ALL)
                 .publish(subjects::events_of_kind("requested"))
+                // The build stored first under a delivery key that came again.
+                .api(format_args!("STREAM.MSG.GET.{EVENTS_STREAM}"))
                 // Scheduler leases.
                 .write_keys(LEASES_BUCKET, ">")
                 .read_keys(LEASES_BUCKET)

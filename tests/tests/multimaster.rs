@@ -110,11 +110,17 @@ async fn wait_all_finished(api: &Api, count: usize, deadline: Duration) -> Vec<V
         }
         if started.elapsed() > deadline {
             let sample: Vec<String> = unfinished.iter().take(5).map(|build| build.to_string()).collect();
+            // What the masters think of the agents and the waits, to tell a stuck engine
+            // from a stuck agent.
+            let (_, agents) = api.get("/api/v1/agents").await;
+            let (_, waits) = api.get("/api/v1/waits").await;
+            let waits: String = waits.to_string().chars().take(4000).collect();
             panic!(
-                "timed out after {deadline:?} waiting for {count} finished builds: {} builds, {} unfinished, e.g.\n{}",
+                "timed out after {deadline:?} waiting for {count} finished builds: {} builds, {} unfinished, e.g.\n{}\nagents: {agents}\nwaits (first 4,000 characters): {}",
                 builds.len(),
                 unfinished.len(),
-                sample.join("\n")
+                sample.join("\n"),
+                waits
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -667,6 +673,111 @@ async fn a_change_posted_again_with_its_idempotency_key_is_one_change() {
     // A key that cannot be one is refused, naming the header, and stores nothing.
     let (status, body) = uis[0]
         .post_with_key("/api/v1/changes", change.clone(), "two words")
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("Idempotency-Key"),
+        "{body}"
+    );
+}
+
+/// A build forced again with the same `Idempotency-Key`, through the same or another UI
+/// master, is the build stored first: one build. Another key, no key, or the same key for
+/// another builder is another build. A key whose first ask stored the build's `requested`
+/// event but not its request (a scheduler killed in between) gets the request stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_forced_again_with_its_idempotency_key_is_one_build() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    deployment.master("scheduler", "sched-1");
+    deployment.master("engine", "engine-1");
+    let uis = [deployment.ui("ui-1"), deployment.ui("ui-2")];
+    deployment.agent("a1", "os=linux");
+    for api in &uis {
+        api.wait_healthy().await;
+    }
+    let force = |api: &Api, builder: &str, key: Option<&str>| {
+        let (api, path) = (api.clone(), format!("/api/v1/builders/{builder}/force"));
+        let key = key.map(str::to_owned);
+        async move {
+            let body = json!({ "reason": "deploy" });
+            let (status, body) = match key {
+                Some(key) => api.post_with_key(&path, body, &key).await,
+                None => api.post(&path, body).await,
+            };
+            assert_eq!(status, 202, "{body}");
+            (body["id"].as_str().unwrap().to_owned(), body["number"].clone())
+        }
+    };
+    let mut answers = Vec::new();
+    for api in [&uis[0], &uis[1], &uis[0]] {
+        answers.push(force(api, "work", Some("deploy-7")).await);
+    }
+    assert!(
+        answers.iter().all(|answer| *answer == answers[0]),
+        "every answer names the build stored first, and its number: {answers:?}"
+    );
+    let others = [
+        force(&uis[1], "work", Some("deploy-8")).await.0,
+        force(&uis[1], "work", None).await.0,
+        force(&uis[0], "slow", Some("deploy-7")).await.0,
+    ];
+
+    // The first ask stored only the `requested` event: the next one completes it.
+    let jetstream =
+        async_nats::jetstream::new(async_nats::connect(deployment.nats_url()).await.expect("NATS"));
+    let half_stored = bus_schema::BuildRequest {
+        build_id: "01HZZZZZZZZZZZZZZZZZZZZZZ1".into(),
+        builder: "work".into(),
+        reason: "half stored".into(),
+        properties: Default::default(),
+        changes: Vec::new(),
+        priority: 0,
+        requested_at: services::time::now(),
+    };
+    let event = bus_schema::BuildEvent::new(
+        half_stored.build_id.clone(),
+        half_stored.requested_at,
+        bus_schema::BuildEventKind::Requested(half_stored.clone()),
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "delivery-force.work:crashed-1");
+    jetstream
+        .publish_with_headers(
+            bus_schema::subjects::event(&half_stored.build_id, "requested"),
+            headers,
+            bus_schema::encode(&event).into(),
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let completed = force(&uis[1], "work", Some("crashed-1")).await.0;
+    assert_eq!(completed, half_stored.build_id, "the build stored first");
+
+    let mut expected: BTreeSet<String> = others.iter().cloned().collect();
+    expected.insert(answers[0].0.clone());
+    expected.insert(completed);
+    assert_eq!(expected.len(), 5, "{expected:?}");
+    for id in &expected {
+        let build = uis[0].wait_finished(id, Duration::from_secs(60)).await;
+        assert_eq!(build["result"], "success", "{build}");
+    }
+    let (_, listed) = uis[1].get("/api/v1/builds?limit=1000").await;
+    let listed: BTreeSet<String> = listed["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|build| build["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        listed, expected,
+        "one build per key and builder, and one without a key"
+    );
+
+    // A key that cannot be one is refused, naming the header.
+    let (status, body) = uis[0]
+        .post_with_key("/api/v1/builders/work/force", json!({}), "two words")
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(

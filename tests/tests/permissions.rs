@@ -292,6 +292,16 @@ async fn every_role_runs_as_its_own_user_without_a_permissions_violation() {
     assert_eq!(build["result"], "success", "{build}");
     assert_eq!(build["steps"][0]["agent"], "a1");
     assert!(api.step_log(&forced, 1).await.contains("tests passed"));
+    // Forced again with one idempotency key, the scheduler reads back the build stored first.
+    let keyed: Vec<String> = futures::future::join_all((0..2).map(|_| async {
+        let (status, body) = api
+            .post_with_key("/api/v1/builders/two-steps/force", json!({}), "release-1")
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }))
+    .await;
+    assert_eq!(keyed[0], keyed[1]);
     // The UI master writes view snapshots (every second) to its object store.
     let first_snapshot = snapshot_sequence_above(&api, 0).await;
 

@@ -251,11 +251,16 @@ struct ForceBody {
     priority: i32,
 }
 
+/// `POST /api/v1/builders/{name}/force`. With an `Idempotency-Key` header, the same key again
+/// for the same builder within the bus's duplicate window stores nothing and answers the
+/// first build.
 async fn force_build(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
+    let delivery = crate::hooks::delivery_key(&headers, "Idempotency-Key", &format!("force.{name}"))?;
     let body: ForceBody = parse_body(&body)?;
     if state.config.builder(&name).is_none() {
         return Err(ApiError::NotFound(format!("no builder {name}")));
@@ -281,33 +286,44 @@ async fn force_build(
         priority: body.priority,
         requested_at: now(),
     };
-    let sequence = ask_to_force(&state, &request).await?;
+    let (sequence, build_id) = ask_to_force(&state, &request, delivery.as_deref()).await?;
     // Let the caller read its own write: wait (briefly) for the view to apply the request.
     state
         .view
         .wait_for_sequence(sequence, Duration::from_secs(2))
         .await;
-    let number = state
-        .view
-        .build(&request.build_id)
-        .map_or(0, |build| build.number);
+    let number = state.view.build(&build_id).map_or(0, |build| build.number);
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": request.build_id, "number": number, "builder": request.builder })),
+        Json(json!({ "id": build_id, "number": number, "builder": request.builder })),
     ))
 }
 
 /// Asks the scheduler masters to store a forced build (only they publish build requests);
 /// returns the events-stream sequence of its `requested` event. While no scheduler master
 /// listens (one starting or restarting) it asks again for up to `[nats] request_timeout`; a
-/// request whose answer was lost is asked once more: the build id deduplicates it.
-async fn ask_to_force(state: &AppState, request: &BuildRequest) -> Result<u64, ApiError> {
+/// request whose answer was lost is asked once more: the build id (or `delivery`) deduplicates
+/// it. Answers the sequence and the id of the build stored (the first one of `delivery`).
+async fn ask_to_force(
+    state: &AppState,
+    request: &BuildRequest,
+    delivery: Option<&str>,
+) -> Result<(u64, String), ApiError> {
     let subject = subjects::force(&request.builder);
     let payload = Bytes::from(bus_schema::encode(request));
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(delivery) = delivery {
+        headers.insert(subjects::FORCE_DELIVERY_HEADER, delivery);
+    }
     let patience = tokio::time::Instant::now() + state.config.nats.request_timeout;
     let mut timeouts = 0;
     let answer = loop {
-        match state.bus.client.request(subject.clone(), payload.clone()).await {
+        let asked = state
+            .bus
+            .client
+            .request_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .await;
+        match asked {
             Ok(answer) => break answer,
             Err(error)
                 if error.kind() == async_nats::RequestErrorKind::NoResponders
@@ -334,7 +350,9 @@ async fn ask_to_force(state: &AppState, request: &BuildRequest) -> Result<u64, A
         }
     };
     match bus_schema::decode::<ForceReply>(&answer.payload) {
-        Ok(ForceReply::Stored { sequence }) => Ok(sequence),
+        Ok(ForceReply::Stored { sequence, build_id }) => {
+            Ok((sequence, build_id.unwrap_or_else(|| request.build_id.clone())))
+        }
         Ok(ForceReply::Refused { reason }) => Err(ApiError::Conflict(reason)),
         Ok(ForceReply::NotStored { reason }) => Err(ApiError::Unavailable(reason)),
         Err(error) => {

@@ -40,7 +40,7 @@ const OPERATIONS: &[(&str, &str, &str, &[u16])] = &[
     (
         "post",
         "/api/v1/builders/{name}/force",
-        "Force a build; optional properties, reason, priority",
+        "Force a build; optional properties, reason, priority; an Idempotency-Key header makes a retry the same build",
         &[202, 400, 401, 404, 409, 413, 503],
     ),
     ("get", "/api/v1/agents", "Registered agents", &[200]),

@@ -251,7 +251,7 @@ impl Grid {
         let bus = self.bus.clone();
         let stored = futures::stream::iter((0..count).map(|number| {
             let bus = bus.clone();
-            async move { bus.store_build_request(&request(number)).await }
+            async move { bus.store_build_request(&request(number), None).await }
         }))
         .buffer_unordered(window);
         let failures = stored
@@ -335,7 +335,7 @@ impl Origin {
     async fn store(self, bus: &Bus) -> Result<(), services::bus::Error> {
         match self {
             Origin::Change(change) => bus.store_change(&change, None).await.map(drop),
-            Origin::Request(request) => bus.store_build_request(&request).await.map(drop),
+            Origin::Request(request) => bus.store_build_request(&request, None).await.map(drop),
         }
     }
 }

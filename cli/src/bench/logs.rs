@@ -45,7 +45,7 @@ run = "seq 1 {}"
     let mut tails = Vec::with_capacity(options.agents);
     for number in 0..options.agents {
         let request = request_of("logs", number);
-        grid.bus.store_build_request(&request).await?;
+        grid.bus.store_build_request(&request, None).await?;
         let url = format!("{}/api/v1/builds/{}/steps/0/log/stream", ui.url, request.build_id);
         tails.push(tokio::spawn(tail(ui.client.clone(), url)));
     }
