@@ -1000,6 +1000,7 @@ impl BuildDriver {
                         .await?
                 }
             };
+            tracing::debug!(build = %self.id(), agent = %name, by_first_step, "agent acquired");
             if let Some(hold) = self.holds().get_mut(&name) {
                 hold.count += 1;
                 return Some(name);
@@ -1260,6 +1261,7 @@ impl BuildDriver {
                 NodeEnd::AgentTaken(format!("agent {agent} restarted before the step reached it"))
             }
             Ok(AgentReply::Accepted { session }) => {
+                tracing::debug!(build = %self.id(), %agent, index, attempt, release_after, "step accepted");
                 self.engine.directory.answered(agent, &session);
                 if let Some(hold) = self.holds().get_mut(agent) {
                     hold.session.clone_from(&session);
@@ -1332,6 +1334,7 @@ impl BuildDriver {
         loop {
             tokio::select! {
                 outcome = &mut result_rx => {
+                    tracing::debug!(build = %self.id(), %agent, index, "step result received");
                     return NodeEnd::Done(match outcome {
                         Ok(outcome) => outcome,
                         Err(_) => self.recorded_outcome(index).await.unwrap_or_else(|| exception("step result lost".into())),

@@ -110,21 +110,47 @@ async fn wait_all_finished(api: &Api, count: usize, deadline: Duration) -> Vec<V
         }
         if started.elapsed() > deadline {
             let sample: Vec<String> = unfinished.iter().take(5).map(|build| build.to_string()).collect();
-            // What the masters think of the agents and the waits, to tell a stuck engine
-            // from a stuck agent.
-            let (_, agents) = api.get("/api/v1/agents").await;
-            let (_, waits) = api.get("/api/v1/waits").await;
-            let waits: String = waits.to_string().chars().take(4000).collect();
             panic!(
-                "timed out after {deadline:?} waiting for {count} finished builds: {} builds, {} unfinished, e.g.\n{}\nagents: {agents}\nwaits (first 4,000 characters): {}",
+                "timed out after {deadline:?} waiting for {count} finished builds: {} builds, {} unfinished, e.g.\n{}\n{}",
                 builds.len(),
                 unfinished.len(),
                 sample.join("\n"),
-                waits
+                stall_report(api).await
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What the masters think of the agents and the waits, and each live master's own figures
+/// (engines' running builds and waits, UI views' applied sequence): to tell a stuck engine
+/// from a stuck agent or a stale view.
+async fn stall_report(api: &Api) -> String {
+    let (_, agents) = api.get("/api/v1/agents").await;
+    let (_, waits) = api.get("/api/v1/waits").await;
+    let waits: String = waits.to_string().chars().take(4000).collect();
+    let mut report = format!("agents: {agents}\nwaits (first 4,000 characters): {waits}\n");
+    let (_, masters) = api.get("/api/v1/masters").await;
+    for master in masters["masters"].as_array().into_iter().flatten() {
+        let (Some(id), Some(url)) = (master["id"].as_str(), master["metrics_url"].as_str()) else {
+            continue;
+        };
+        let metrics = match reqwest::get(url).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(error) => error.to_string(),
+        };
+        let figures: Vec<&str> = metrics
+            .lines()
+            .filter(|line| {
+                !line.starts_with('#')
+                    && (line.starts_with("yard_engine_")
+                        || line.starts_with("yard_ui_view_events_sequence")
+                        || line.starts_with("yard_request_queue_length"))
+            })
+            .collect();
+        report.push_str(&format!("{id}: {}\n", figures.join(", ")));
+    }
+    report
 }
 
 async fn finished_count(api: &Api) -> usize {
@@ -309,6 +335,59 @@ async fn a_step_that_died_with_its_engine_and_agent_runs_again_only_as_a_retry()
     let reason = retries[0]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("agent a1 restarted"), "{build}");
     assert_eq!(executions(&deployment).get(&step), Some(&2), "{build}");
+}
+
+/// A killed engine's waits leave the waits view once it is dead (its record expires from the
+/// bucket without a word to watchers), and the engine that adopts its builds lists their
+/// waits again: each waiting build is listed once, under a live engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_engines_waits_leave_the_waits_view() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(&CONFIG.replace("sleep 2", "sleep 8"));
+    let ui = deployment
+        .start_masters_and_agents(&["engine-1"], &[("a1", "os=linux")])
+        .await;
+    let builds: Vec<String> = futures::future::join_all((0..3).map(|_| ui.force("slow", json!({})))).await;
+    let waits_by_engine = || async {
+        let (_, body) = ui.get("/api/v1/waits").await;
+        let mut by_engine: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for wait in body["waits"].as_array().into_iter().flatten() {
+            by_engine
+                .entry(wait["engine"].as_str().unwrap_or_default().to_owned())
+                .or_default()
+                .insert(wait["build_id"].as_str().unwrap_or_default().to_owned());
+        }
+        by_engine
+    };
+    // One build runs on the one agent; the other two wait at engine-1.
+    wait_until(
+        "two builds waiting at engine-1",
+        Duration::from_secs(30),
+        || async {
+            let waits = waits_by_engine().await;
+            (waits.get("engine-1").map(BTreeSet::len) == Some(2)).then_some(())
+        },
+    )
+    .await;
+    deployment.kill("engine-1");
+    deployment.master("engine", "engine-2");
+    let waits = wait_until(
+        "the waits listed under engine-2 alone",
+        Duration::from_secs(60),
+        || async {
+            let waits = waits_by_engine().await;
+            (!waits.contains_key("engine-1") && waits.contains_key("engine-2")).then_some(waits)
+        },
+    )
+    .await;
+    assert!(
+        waits["engine-2"].iter().all(|build| builds.contains(build)),
+        "{waits:?}"
+    );
+    for id in &builds {
+        let build = ui.wait_finished(id, Duration::from_secs(120)).await;
+        assert_eq!(build["result"], "success", "{build}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -448,7 +448,7 @@ async fn list_agents(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 async fn list_waits(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let silence_limit = state.config.engine.agent_timeout.as_millis() as u64;
     let at = now();
-    let (waits, more) = state.view.waits();
+    let (waits, more) = state.view.waits(state.config.masters.dead_after);
     let graph = services::waits::WaitGraph::analyze_with_pools(
         &waits,
         &state.view.agents(),

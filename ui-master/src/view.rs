@@ -7,7 +7,7 @@
 //! hold) to an object store now and then; a UI master that starts loads the latest and replays
 //! only the events stored after it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -520,13 +520,30 @@ impl View {
 
     /// Waiting steps whose build has not finished (a wait whose removal was missed is
     /// dropped by the build's end), and how many builds waiting for a master agent the
-    /// engines left out of their lists.
-    pub fn waits(&self) -> (Vec<bus_schema::WaitRecord>, u64) {
-        let waits = self.waits.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let builds = self.read_builds();
-        let more = waits.values().map(|listed| listed.more).sum();
-        let listed = waits
+    /// engines left out of their lists. An engine whose master record has not been refreshed
+    /// within `dead_after` is dead: its record expires from the bucket without a word to its
+    /// watchers, and the engine that adopts its builds lists their waits again, so its own
+    /// list is left out.
+    pub fn waits(&self, dead_after: std::time::Duration) -> (Vec<bus_schema::WaitRecord>, u64) {
+        let at = services::time::now();
+        let dead_engines: HashSet<String> = self
+            .masters()
+            .into_iter()
+            .filter(|master| at.millis_since(master.heartbeat_at) > dead_after.as_millis() as u64)
+            .map(|master| master.id)
+            .collect();
+        let live: Vec<bus_schema::EngineWaits> = self
+            .waits
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
             .values()
+            .filter(|listed| !dead_engines.contains(&listed.engine))
+            .cloned()
+            .collect();
+        let builds = self.read_builds();
+        let more = live.iter().map(|listed| listed.more).sum();
+        let listed = live
+            .iter()
             .flat_map(|listed| listed.waits.iter())
             .filter(|wait| {
                 builds
