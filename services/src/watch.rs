@@ -109,11 +109,19 @@ pub enum StreamStart {
     After(u64),
 }
 
+/// How long a [`follow_stream`] follower may hear nothing before it replaces its consumer.
+/// An ordered consumer can stall without a word when a NATS node fails over (seen with the
+/// consumer's node killed in a cluster: no message, no error, for minutes); a new consumer
+/// resumes right after the last message applied, so a restart costs one consumer creation
+/// and skips nothing.
+pub const FOLLOWER_RESTART_AFTER_SILENCE: Duration = Duration::from_secs(10);
+
 /// Spawns a task that follows `stream_name` (only `filter` subjects, when given) with an
 /// ordered consumer and calls `apply` with each message's stream sequence, subject and payload, until
-/// `stop` fires. When the consumer is interrupted (reconnects, leader changes) it resumes
-/// right after the last message applied, so nothing is skipped. The returned receiver
-/// resolves once the follower is consuming.
+/// `stop` fires. When the consumer is interrupted (reconnects, leader changes), or has been
+/// silent for [`FOLLOWER_RESTART_AFTER_SILENCE`], it resumes right after the last message
+/// applied, so nothing is skipped. The returned receiver resolves once the follower is
+/// consuming.
 pub fn follow_stream(
     bus: crate::Bus,
     stream_name: &'static str,
@@ -127,34 +135,48 @@ pub fn follow_stream(
     tokio::spawn(async move {
         let mut ready = Some(ready_tx);
         let mut backoff = Duration::from_millis(100);
-        let mut last_sequence: Option<u64> = None;
+        // Where the follower resumes: after this sequence, or from the first message.
+        let mut resume_after: Option<u64> = match start {
+            StreamStart::Beginning | StreamStart::New => None,
+            StreamStart::After(sequence) => Some(sequence),
+        };
+        let mut starts_new = matches!(start, StreamStart::New);
         while !stop.is_cancelled() {
-            let deliver_policy = match (last_sequence, start) {
-                (Some(sequence), _) => consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: sequence + 1,
-                },
-                (None, StreamStart::Beginning) => consumer::DeliverPolicy::All,
-                (None, StreamStart::New) => consumer::DeliverPolicy::New,
-                (None, StreamStart::After(sequence)) => consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: sequence + 1,
-                },
-            };
             let messages = async {
-                bus.stream(stream_name)
-                    .await?
+                let mut stream = bus.stream(stream_name).await?;
+                if starts_new {
+                    // "New" pinned to a sequence, so that a restart before the first message
+                    // skips nothing stored since the follower started.
+                    let info = stream
+                        .info()
+                        .await
+                        .map_err(|e| crate::bus::Error::nats(format!("reading {stream_name}"), e))?;
+                    resume_after = Some(info.state.last_sequence);
+                    starts_new = false;
+                }
+                let deliver_policy = match resume_after {
+                    Some(sequence) => consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: sequence + 1,
+                    },
+                    None => consumer::DeliverPolicy::All,
+                };
+                let consumer = stream
                     .create_consumer(consumer::pull::OrderedConfig {
                         filter_subject: filter.unwrap_or_default().to_owned(),
                         deliver_policy,
                         ..Default::default()
                     })
                     .await
-                    .map_err(|e| crate::bus::Error::nats(format!("following {stream_name}"), e))?
+                    .map_err(|e| crate::bus::Error::nats(format!("following {stream_name}"), e))?;
+                let name = consumer.cached_info().name.clone();
+                let messages = consumer
                     .messages()
                     .await
-                    .map_err(|e| crate::bus::Error::nats(format!("following {stream_name}"), e))
+                    .map_err(|e| crate::bus::Error::nats(format!("following {stream_name}"), e))?;
+                Ok::<_, crate::bus::Error>((stream, name, messages))
             };
-            let mut messages = match messages.await {
-                Ok(messages) => messages,
+            let (stream, consumer_name, mut messages) = match messages.await {
+                Ok(following) => following,
                 Err(error) => {
                     tracing::warn!(stream = stream_name, %error, "cannot follow stream; retrying");
                     tokio::select! {
@@ -172,6 +194,14 @@ pub fn follow_stream(
             loop {
                 let message = tokio::select! {
                     message = messages.next() => message,
+                    _ = tokio::time::sleep(FOLLOWER_RESTART_AFTER_SILENCE) => {
+                        tracing::debug!(stream = stream_name, "stream follower went quiet; restarting it");
+                        // Gone by itself once inactive, but a quiet follower restarts often.
+                        let stream = stream.clone();
+                        let consumer_name = consumer_name.clone();
+                        tokio::spawn(async move { stream.delete_consumer(&consumer_name).await });
+                        break;
+                    }
                     _ = stop.cancelled() => return,
                 };
                 match message {
@@ -179,9 +209,9 @@ pub fn follow_stream(
                         let sequence = message
                             .info()
                             .map(|info| info.stream_sequence)
-                            .unwrap_or_else(|_| last_sequence.map_or(0, |s| s + 1));
+                            .unwrap_or_else(|_| resume_after.map_or(0, |s| s + 1));
                         apply(sequence, &message.subject, &message.payload);
-                        last_sequence = Some(sequence);
+                        resume_after = Some(sequence);
                     }
                     Some(Err(error)) => {
                         tracing::debug!(stream = stream_name, %error, "stream follower interrupted; resuming");

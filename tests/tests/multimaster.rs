@@ -337,6 +337,89 @@ async fn a_step_that_died_with_its_engine_and_agent_runs_again_only_as_a_retry()
     assert_eq!(executions(&deployment).get(&step), Some(&2), "{build}");
 }
 
+/// A stream follower (engines' step results, UI views) replaces a consumer that has been
+/// silent for a while, since an ordered consumer can stall without a word when a NATS node
+/// fails over. The replacement resumes right after the last message applied: a follower
+/// started at "new" delivers what was stored before its first restart, and nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quiet_stream_follower_restarts_without_skipping_or_repeating() {
+    yard_tests::init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let nats = yard_tests::start_nats(dir.path());
+    let mut config = services::config::YardConfig::default();
+    config.nats.url = nats.url().to_owned();
+    let bus = services::Bus::connect(&config.nats, &config.engine, "follower-test")
+        .await
+        .expect("bus connects");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ready = services::watch::follow_stream(
+        bus.clone(),
+        bus_schema::subjects::EVENTS_STREAM,
+        Some(bus_schema::subjects::STEP_FINISHED_ALL),
+        services::watch::StreamStart::New,
+        stop.clone(),
+        move |sequence, subject, _payload| {
+            let _ = tx.send((sequence, subject.to_owned()));
+        },
+    );
+    ready.await.expect("the follower starts");
+    let consumers = || async {
+        let stream = bus.stream(bus_schema::subjects::EVENTS_STREAM).await.ok()?;
+        let names: Vec<String> = stream
+            .consumer_names()
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .ok()?;
+        Some(names.into_iter().collect::<BTreeSet<String>>())
+    };
+    let store = |build: &'static str| {
+        let bus = bus.clone();
+        async move {
+            let event = bus_schema::BuildEvent::new(
+                build,
+                services::time::now(),
+                bus_schema::BuildEventKind::StepFinished {
+                    index: 0,
+                    attempt: 0,
+                    result: bus_schema::StepResult::Success,
+                    exit_code: Some(0),
+                    message: None,
+                },
+            );
+            bus.store_built_event(&event).await.expect("stored")
+        }
+    };
+    let next = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, String)>| {
+        let received = rx.try_recv().ok();
+        async move { received }
+    };
+    // Stored before the follower's first restart, with nothing delivered yet.
+    let first = store("01HFIRSTFIRSTFIRSTFIRSTFIR").await;
+    let (sequence, subject) = wait_until("the first event", Duration::from_secs(30), || next(&mut rx)).await;
+    assert_eq!(sequence, first, "{subject}");
+    // Quiet for long enough, the follower replaces its consumer with one of another name.
+    let before = wait_until("the follower's consumer", Duration::from_secs(30), consumers).await;
+    wait_until(
+        "the quiet follower to replace its consumer",
+        Duration::from_secs(60),
+        || async {
+            let now = consumers().await?;
+            (!now.is_empty() && now.is_disjoint(&before)).then_some(())
+        },
+    )
+    .await;
+    let second = store("01HSECONDSECONDSECONDSECON").await;
+    let (sequence, subject) = wait_until("the second event", Duration::from_secs(60), || next(&mut rx)).await;
+    assert_eq!(sequence, second, "the next event, not the first again: {subject}");
+    let third = store("01HTHIRDTHIRDTHIRDTHIRDTHI").await;
+    let (sequence, _) = wait_until("the third event", Duration::from_secs(60), || next(&mut rx)).await;
+    assert_eq!(sequence, third);
+    stop.cancel();
+}
+
 /// A killed engine's waits leave the waits view once it is dead (its record expires from the
 /// bucket without a word to watchers), and the engine that adopts its builds lists their
 /// waits again: each waiting build is listed once, under a live engine.
