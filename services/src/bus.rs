@@ -372,16 +372,10 @@ impl Bus {
             .await
             .map_err(|e| Error::nats("storing a requested event", e))?;
         let stored = if event_ack.duplicate {
-            // A duplicate's ack carries the sequence of the message stored first.
             let first = self
-                .jetstream
-                .get_stream_no_info(subjects::EVENTS_STREAM)
-                .await
-                .map_err(|e| Error::nats("opening the events stream", e))?
-                .get_raw_message(event_ack.sequence)
-                .await
-                .map_err(|e| Error::nats("reading the build requested first", e))?;
-            match bus_schema::decode::<BuildEvent>(&first.payload) {
+                .stored_first(subjects::EVENTS_STREAM, event_ack.sequence)
+                .await?;
+            match bus_schema::decode::<BuildEvent>(&first) {
                 Ok(BuildEvent {
                     kind: BuildEventKind::Requested(first),
                     ..
@@ -405,6 +399,20 @@ impl Bus {
             sequence: event_ack.sequence,
             build_id: stored.build_id,
         })
+    }
+
+    /// The payload of the message a duplicate's ack names: a duplicate's ack carries the
+    /// sequence of the message stored first.
+    async fn stored_first(&self, stream: &str, sequence: u64) -> Result<Bytes, Error> {
+        let message = self
+            .jetstream
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| Error::nats(format!("opening stream {stream}"), e))?
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| Error::nats(format!("reading the message stored first in {stream}"), e))?;
+        Ok(message.payload)
     }
 
     async fn publish_request(
@@ -447,17 +455,9 @@ impl Bus {
         if !ack.duplicate || delivery.is_none() {
             return Ok(change.id.clone());
         }
-        // A duplicate's ack carries the sequence of the message stored first.
-        let first = self
-            .jetstream
-            .get_stream_no_info(subjects::CHANGES_STREAM)
-            .await
-            .map_err(|e| Error::nats("opening the changes stream", e))?
-            .get_raw_message(ack.sequence)
-            .await
-            .map_err(|e| Error::nats("reading the change stored first", e))?;
-        let first: Change = bus_schema::decode(&first.payload)
-            .map_err(|e| Error::nats("decoding the change stored first", e))?;
+        let first = self.stored_first(subjects::CHANGES_STREAM, ack.sequence).await?;
+        let first: Change =
+            bus_schema::decode(&first).map_err(|e| Error::nats("decoding the change stored first", e))?;
         Ok(first.id)
     }
 

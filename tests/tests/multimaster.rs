@@ -785,12 +785,8 @@ async fn changes_accepted_before_any_scheduler_ran_are_built() {
     assert_eq!(built, changes);
 }
 
-/// A change posted again with the same `Idempotency-Key`, to the same or another UI master,
-/// is the change stored first: one change, one build. Another key, or none, is another change.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_change_posted_again_with_its_idempotency_key_is_one_change() {
-    yard_tests::init_logging();
-    let mut deployment = Deployment::new(CONFIG);
+/// A scheduler, an engine, an agent and two UI masters, the UI masters healthy.
+async fn one_of_each_and_two_uis(deployment: &mut Deployment) -> [Api; 2] {
     deployment.master("scheduler", "sched-1");
     deployment.master("engine", "engine-1");
     let uis = [deployment.ui("ui-1"), deployment.ui("ui-2")];
@@ -798,6 +794,16 @@ async fn a_change_posted_again_with_its_idempotency_key_is_one_change() {
     for api in &uis {
         api.wait_healthy().await;
     }
+    uis
+}
+
+/// A change posted again with the same `Idempotency-Key`, to the same or another UI master,
+/// is the change stored first: one change, one build. Another key, or none, is another change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_posted_again_with_its_idempotency_key_is_one_change() {
+    yard_tests::init_logging();
+    let mut deployment = Deployment::new(CONFIG);
+    let uis = one_of_each_and_two_uis(&mut deployment).await;
     let change = json!({ "branch": "main", "revision": "once", "repository": "repo" });
     let mut answers = Vec::new();
     for api in [&uis[0], &uis[1], &uis[0]] {
@@ -851,13 +857,7 @@ async fn a_change_posted_again_with_its_idempotency_key_is_one_change() {
 async fn a_build_forced_again_with_its_idempotency_key_is_one_build() {
     yard_tests::init_logging();
     let mut deployment = Deployment::new(CONFIG);
-    deployment.master("scheduler", "sched-1");
-    deployment.master("engine", "engine-1");
-    let uis = [deployment.ui("ui-1"), deployment.ui("ui-2")];
-    deployment.agent("a1", "os=linux");
-    for api in &uis {
-        api.wait_healthy().await;
-    }
+    let uis = one_of_each_and_two_uis(&mut deployment).await;
     let force = |api: &Api, builder: &str, key: Option<&str>| {
         let (api, path) = (api.clone(), format!("/api/v1/builders/{builder}/force"));
         let key = key.map(str::to_owned);
