@@ -44,23 +44,28 @@ pub(crate) async fn publish(agent: &Agent) -> Result<(), services::bus::Error> {
 pub(crate) fn watch_for_refusal(agent: &Agent, stop: CancellationToken) {
     let own = agent.settings.protocol;
     let mut reported = std::collections::HashSet::new();
-    let _ready = services::watch::follow_bucket(agent.bus.masters.clone(), stop, None, move |change| {
-        let services::watch::BucketChange::Put { key, value } = change else {
-            return;
-        };
-        let Ok(theirs) = bus_schema::protocol_of(&value) else {
-            return;
-        };
-        if theirs != own && reported.insert(key.clone()) {
-            tracing::error!(
-                master = %key,
-                master_protocol = theirs,
-                agent_protocol = own,
-                "refused by master {key}: it speaks protocol {theirs}, this agent speaks protocol {own}; \
-                 no work comes from it until agent and masters run matching releases"
-            );
-        }
-    });
+    let _ready = services::watch::follow_bucket(
+        agent.bus.masters.clone(),
+        stop,
+        services::watch::QUIET_BUCKET_RESTART_AFTER,
+        move |change| {
+            let services::watch::BucketChange::Put { key, value } = change else {
+                return;
+            };
+            let Ok(theirs) = bus_schema::protocol_of(&value) else {
+                return;
+            };
+            if theirs != own && reported.insert(key.clone()) {
+                tracing::error!(
+                    master = %key,
+                    master_protocol = theirs,
+                    agent_protocol = own,
+                    "refused by master {key}: it speaks protocol {theirs}, this agent speaks protocol {own}; \
+                     no work comes from it until agent and masters run matching releases"
+                );
+            }
+        },
+    );
 }
 
 /// Occupancy changes published closer together than this are merged into one write: an

@@ -153,7 +153,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
         (&engine.bus, ROLE),
         engine.bus.waits.clone(),
         listeners_stop.clone(),
-        None,
+        services::watch::QUIET_BUCKET_RESTART_AFTER,
         services::waits::decode_engine_waits,
     );
     let waits_writer = tokio::spawn(wait_book::write_loop(Arc::clone(&engine), listeners_stop.clone()));
@@ -163,7 +163,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
         (&engine.bus, ROLE),
         engine.bus.pools.clone(),
         listeners_stop.clone(),
-        None,
+        services::watch::QUIET_BUCKET_RESTART_AFTER,
         raw,
     );
     services::watch::mirror_bucket(
@@ -171,7 +171,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
         (&engine.bus, ROLE),
         engine.bus.masters.clone(),
         listeners_stop.clone(),
-        Some(engine.config.masters.dead_after),
+        engine.config.masters.dead_after,
         services::watch::decoded::<bus_schema::MasterRecord>,
     );
     tokio::spawn(deadlock_loop(Arc::clone(&engine), listeners_stop.clone()));

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bus_schema::{subjects, AgentRecord, BuildEvent, BuildEventKind};
-use services::watch::{follow_bucket, follow_stream, BucketChange, StreamStart};
+use services::watch::{follow_bucket, follow_stream, BucketChange, StreamStart, QUIET_BUCKET_RESTART_AFTER};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -16,7 +16,7 @@ pub(crate) fn spawn_agents_watch(engine: Arc<Engine>, stop: CancellationToken) -
     let silence = engine.config.engine.agent_timeout;
     // Agents of another protocol version are refused: said once each, then left alone.
     let mut refused = std::collections::HashSet::new();
-    follow_bucket(store, stop, Some(silence), move |change| match change {
+    follow_bucket(store, stop, silence, move |change| match change {
         BucketChange::Put { key, value } => match bus_schema::decode::<AgentRecord>(&value) {
             Ok(record) => match bus_schema::agent_refusal(record.protocol) {
                 None => engine.directory.update(record),
@@ -46,7 +46,7 @@ pub(crate) fn spawn_agents_watch(engine: Arc<Engine>, stop: CancellationToken) -
 
 pub(crate) fn spawn_cancels_watch(engine: Arc<Engine>, stop: CancellationToken) -> oneshot::Receiver<()> {
     let store = engine.bus.cancels.clone();
-    follow_bucket(store, stop, None, move |change| {
+    follow_bucket(store, stop, QUIET_BUCKET_RESTART_AFTER, move |change| {
         if let BucketChange::Put { key, .. } = change {
             if let Some(token) = engine.running.get(&key) {
                 token.cancel();

@@ -651,6 +651,7 @@ async fn provision(
             description: "Cancel requests by build id".into(),
             history: 1,
             max_age: Duration::from_secs(7 * 24 * 3600),
+            limit_markers: Some(EXPIRY_MARKER_TTL),
             num_replicas: nats.replicas,
             ..Default::default()
         },
@@ -664,6 +665,7 @@ async fn provision(
             description: "Running masters by id".into(),
             history: 1,
             max_age: Duration::from_secs(24 * 3600),
+            limit_markers: Some(EXPIRY_MARKER_TTL),
             num_replicas: nats.replicas,
             ..Default::default()
         },
@@ -690,6 +692,7 @@ async fn provision(
             description: "Steps waiting for an agent; refreshed while they wait".into(),
             history: 1,
             max_age: Duration::from_secs(30),
+            limit_markers: Some(EXPIRY_MARKER_TTL),
             num_replicas: nats.replicas,
             ..Default::default()
         },
@@ -849,6 +852,11 @@ async fn provision_streams(
     Ok(())
 }
 
+/// How long the marker a bucket stores for an entry expired by its `max_age` is kept. The
+/// marker tells watchers the entry went (a plain expiry tells them nothing); a watcher that
+/// starts later does not need it, since the entry is gone from what it replays.
+const EXPIRY_MARKER_TTL: Duration = Duration::from_secs(60);
+
 /// Gets a bucket, creating it if it is missing. Two services starting at once may both try to
 /// create it; the loser's error makes the caller try again, and then it finds the bucket.
 async fn get_or_create_bucket(
@@ -859,7 +867,12 @@ async fn get_or_create_bucket(
     let bucket = config.bucket.clone();
     let found = jetstream.get_key_value(&bucket).await;
     let missing = match found {
-        Ok(store) => return Ok(store),
+        Ok(store) => {
+            if provisioning != Provisioning::WaitForMasters {
+                mark_expiries(jetstream, &store, config.limit_markers).await;
+            }
+            return Ok(store);
+        }
         Err(missing) => missing,
     };
     if provisioning == Provisioning::WaitForMasters {
@@ -872,6 +885,23 @@ async fn get_or_create_bucket(
         .create_key_value(config)
         .await
         .map_err(|e| Error::nats(format!("creating bucket {bucket}"), e))
+}
+
+/// Has a bucket created by an older Yardmaster, without expiry markers, store them from now
+/// on. Masters may not update streams under generated permissions (the admin user's first
+/// start does), and a bucket without markers still works: its followers' restarts drop what
+/// expired. So a refusal is only logged.
+async fn mark_expiries(jetstream: &jetstream::Context, store: &kv::Store, marker_ttl: Option<Duration>) {
+    let current = &store.stream.cached_info().config;
+    let (Some(marker_ttl), None) = (marker_ttl, current.subject_delete_marker_ttl) else {
+        return;
+    };
+    let mut updated = current.clone();
+    updated.allow_message_ttl = true;
+    updated.subject_delete_marker_ttl = Some(marker_ttl);
+    if let Err(error) = jetstream.update_stream(updated).await {
+        tracing::warn!(bucket = %store.name, %error, "cannot have the bucket mark expired entries; its followers drop them on their next restart");
+    }
 }
 
 #[cfg(test)]

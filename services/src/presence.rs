@@ -127,7 +127,7 @@ fn warn_about_conflicts(
         Err(_) => return,
     };
     let mut reported = std::collections::HashSet::new();
-    let silence = Some(config_dead_after);
+    let silence = config_dead_after;
     let parker = bus.clone();
     let _ready = crate::watch::follow_bucket(bus.masters.clone(), stop, silence, move |change| {
         let crate::watch::BucketChange::Put { key, value } = change else {

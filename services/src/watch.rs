@@ -1,5 +1,6 @@
 //! Following a KV bucket: the current entries first, then every change, surviving reconnects.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -13,25 +14,35 @@ pub enum BucketChange {
     Removed { key: String },
 }
 
+/// How long a watch of a bucket without heartbeats (cancels, waits, pools) may hear nothing
+/// before [`follow_bucket`] restarts it. Buckets whose entries are refreshed regularly use
+/// their refresh period instead.
+pub const QUIET_BUCKET_RESTART_AFTER: Duration = Duration::from_secs(60);
+
 /// Spawns a task that calls `on_change` for every entry of `store` and every later change,
 /// until `stop` fires. The returned receiver resolves once the entries present at the start
-/// have been delivered. Watchers can die across reconnects, so the task restarts its watch
-/// (replaying the current entries, which `on_change` must tolerate) with backoff. They can
-/// also stall silently when a NATS node fails over: for a bucket whose entries are refreshed
-/// regularly (heartbeats), `restart_after_silence` restarts a watch that has gone quiet.
+/// have been delivered. Watchers can die across reconnects, and can stall without a word
+/// when a NATS node fails over, so the task restarts its watch with backoff after an error
+/// and after `restart_after_silence` without a change. A restart replays the current entries
+/// (which `on_change` must tolerate) and then reports as removed every key it had reported
+/// that the replay no longer holds, so nothing missed while the watch was down, an
+/// expired entry included, stays in a follower's picture.
 pub fn follow_bucket(
     store: kv::Store,
     stop: CancellationToken,
-    restart_after_silence: Option<Duration>,
+    restart_after_silence: Duration,
     mut on_change: impl FnMut(BucketChange) + Send + 'static,
 ) -> oneshot::Receiver<()> {
     let (ready_tx, ready_rx) = oneshot::channel();
     tokio::spawn(async move {
         let mut ready = Some(ready_tx);
         let mut backoff = Duration::from_millis(100);
+        // Keys reported present, and (during a replay) those the replay has told about.
+        let mut present: HashSet<String> = HashSet::new();
         while !stop.is_cancelled() {
             let watch = async {
-                let empty = store.status().await?.values() == 0;
+                // The stream's info now: `Store::status` answers what it was when opened.
+                let empty = store.stream.clone().info().await?.state.messages == 0;
                 let watch = store.watch_with_history(">").await?;
                 Ok::<_, async_nats::Error>((empty, watch))
             };
@@ -48,21 +59,18 @@ pub fn follow_bucket(
                 }
             };
             backoff = Duration::from_millis(100);
+            // Until the replay ends, the keys reported before it that it has not told about.
+            let mut unconfirmed = Some(std::mem::take(&mut present));
             if empty {
+                end_replay(&mut unconfirmed, &mut on_change);
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(());
                 }
             }
             loop {
-                let silence = async {
-                    match restart_after_silence {
-                        Some(limit) => tokio::time::sleep(limit).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 let entry = tokio::select! {
                     entry = watch.next() => entry,
-                    _ = silence => {
+                    _ = tokio::time::sleep(restart_after_silence) => {
                         tracing::debug!(bucket = %store.name, "bucket watch went quiet; restarting it");
                         break;
                     }
@@ -70,17 +78,25 @@ pub fn follow_bucket(
                 };
                 match entry {
                     Some(Ok(entry)) => {
+                        if let Some(unconfirmed) = unconfirmed.as_mut() {
+                            unconfirmed.remove(&entry.key);
+                        }
                         let change = match entry.operation {
-                            kv::Operation::Put => BucketChange::Put {
-                                key: entry.key,
-                                value: entry.value,
-                            },
+                            kv::Operation::Put => {
+                                present.insert(entry.key.clone());
+                                BucketChange::Put {
+                                    key: entry.key,
+                                    value: entry.value,
+                                }
+                            }
                             kv::Operation::Delete | kv::Operation::Purge => {
+                                present.remove(&entry.key);
                                 BucketChange::Removed { key: entry.key }
                             }
                         };
                         on_change(change);
                         if entry.delta == 0 {
+                            end_replay(&mut unconfirmed, &mut on_change);
                             if let Some(ready) = ready.take() {
                                 let _ = ready.send(());
                             }
@@ -93,9 +109,18 @@ pub fn follow_bucket(
                     None => break,
                 }
             }
+            // A replay cut short: what it did not confirm is still believed present.
+            present.extend(unconfirmed.into_iter().flatten());
         }
     });
     ready_rx
+}
+
+/// Ends a [`follow_bucket`] replay: the keys reported before it that it did not hold are gone.
+fn end_replay(unconfirmed: &mut Option<HashSet<String>>, on_change: &mut impl FnMut(BucketChange)) {
+    for key in unconfirmed.take().into_iter().flatten() {
+        on_change(BucketChange::Removed { key });
+    }
 }
 
 /// Where [`follow_stream`] starts.
@@ -237,7 +262,7 @@ pub fn mirror_bucket<T: Send + Sync + 'static>(
     (bus, role): (&crate::Bus, &'static str),
     store: kv::Store,
     stop: CancellationToken,
-    restart_after_silence: Option<Duration>,
+    restart_after_silence: Duration,
     decode: fn(&bytes::Bytes) -> Result<T, bus_schema::DecodeError>,
 ) {
     let map = std::sync::Arc::clone(mirror);

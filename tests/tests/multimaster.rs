@@ -420,6 +420,137 @@ async fn a_quiet_stream_follower_restarts_without_skipping_or_repeating() {
     stop.cancel();
 }
 
+/// A bucket follower's restart replays the bucket and then reports as removed what the replay
+/// no longer holds: an entry that went while the watch heard nothing (here purged from the
+/// bucket's stream, which tells no watcher) leaves the follower's picture, and the entries
+/// still there are not reported removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_bucket_follower_drops_what_went_while_it_heard_nothing() {
+    yard_tests::init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let nats = yard_tests::start_nats(dir.path());
+    let mut config = services::config::YardConfig::default();
+    config.nats.url = nats.url().to_owned();
+    let bus = services::Bus::connect(&config.nats, &config.engine, "bucket-follower-test")
+        .await
+        .expect("bus connects");
+    let pools = bus.pools.clone();
+    for key in ["server.kept", "server.gone"] {
+        pools.put(key, "v1".into()).await.expect("put");
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ready = services::watch::follow_bucket(
+        pools.clone(),
+        stop.clone(),
+        Duration::from_secs(2),
+        move |change| {
+            let _ = tx.send(match change {
+                services::watch::BucketChange::Put { key, .. } => format!("put {key}"),
+                services::watch::BucketChange::Removed { key } => format!("removed {key}"),
+            });
+        },
+    );
+    ready.await.expect("the follower replays the bucket");
+    let mut told = Vec::new();
+    let mut next = || {
+        while let Ok(change) = rx.try_recv() {
+            told.push(change);
+        }
+        told.clone()
+    };
+    assert_eq!(
+        next().into_iter().collect::<BTreeSet<_>>(),
+        BTreeSet::from(["put server.gone".to_owned(), "put server.kept".to_owned()])
+    );
+    let bucket = bus_schema::subjects::POOLS_BUCKET;
+    let stream = bus
+        .stream(&format!("KV_{bucket}"))
+        .await
+        .expect("the pools bucket's stream");
+    stream
+        .purge()
+        .filter(bus_schema::subjects::kv_key(bucket, "server.gone"))
+        .await
+        .expect("purged without a marker");
+    let told = wait_until(
+        "the follower to drop the purged key",
+        Duration::from_secs(60),
+        || {
+            let told = next();
+            async move { told.contains(&"removed server.gone".to_owned()).then_some(told) }
+        },
+    )
+    .await;
+    assert!(!told.contains(&"removed server.kept".to_owned()), "{told:?}");
+    pools.put("server.new", "v1".into()).await.expect("put");
+    wait_until("a later put", Duration::from_secs(60), || {
+        let told = next();
+        async move { told.contains(&"put server.new".to_owned()).then_some(()) }
+    })
+    .await;
+    stop.cancel();
+}
+
+/// An entry that expires from a bucket with a `max_age` is told to its followers as removed
+/// at once, by the marker the bucket stores. A bucket made by an older Yardmaster, without
+/// markers, is given them when a master starts (here with a short `max_age`, to see one
+/// expire soon).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_bucket_entry_is_told_to_followers() {
+    yard_tests::init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let nats = yard_tests::start_nats(dir.path());
+    let client = async_nats::connect(nats.url()).await.expect("connects");
+    let jetstream = async_nats::jetstream::new(client);
+    jetstream
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: bus_schema::subjects::WAITS_BUCKET.into(),
+            history: 1,
+            max_age: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await
+        .expect("a bucket as an older Yardmaster made it");
+    let mut config = services::config::YardConfig::default();
+    config.nats.url = nats.url().to_owned();
+    let bus = services::Bus::connect(&config.nats, &config.engine, "expiry-test")
+        .await
+        .expect("bus connects");
+    let waits = bus.waits.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    // A silence restart would drop the entry too: far off, so only the marker can tell.
+    let ready = services::watch::follow_bucket(
+        waits.clone(),
+        stop.clone(),
+        Duration::from_secs(600),
+        move |change| {
+            let _ = tx.send(match change {
+                services::watch::BucketChange::Put { key, .. } => format!("put {key}"),
+                services::watch::BucketChange::Removed { key } => format!("removed {key}"),
+            });
+        },
+    );
+    ready.await.expect("the follower starts");
+    waits.put("engine-gone", "v1".into()).await.expect("put");
+    let mut told = Vec::new();
+    wait_until(
+        "the expired entry to be told removed",
+        Duration::from_secs(60),
+        || {
+            while let Ok(change) = rx.try_recv() {
+                told.push(change);
+            }
+            let done = told.contains(&"removed engine-gone".to_owned());
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(told, ["put engine-gone", "removed engine-gone"]);
+    stop.cancel();
+}
+
 /// A killed engine's waits leave the waits view once it is dead (its record expires from the
 /// bucket without a word to watchers), and the engine that adopts its builds lists their
 /// waits again: each waiting build is listed once, under a live engine.

@@ -14,7 +14,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bus_schema::{subjects, AgentRecord, BuildEvent, BuildEventKind, BuildRecord, Change, MasterRecord};
-use services::watch::{decoded, follow_stream, mirror_bucket, raw, Mirror, StreamStart};
+use services::watch::{
+    decoded, follow_stream, mirror_bucket, raw, Mirror, StreamStart, QUIET_BUCKET_RESTART_AFTER,
+};
 use services::Bus;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -169,7 +171,7 @@ impl View {
                     .await;
             }
         });
-        let masters_silence = Some(config.masters.dead_after);
+        let masters_silence = config.masters.dead_after;
         mirror_bucket(
             &self.masters,
             (bus, ROLE),
@@ -180,16 +182,23 @@ impl View {
         );
         let waits = bus.waits.clone();
         let engine_waits = services::waits::decode_engine_waits;
-        mirror_bucket(&self.waits, (bus, ROLE), waits, stop.clone(), None, engine_waits);
+        mirror_bucket(
+            &self.waits,
+            (bus, ROLE),
+            waits,
+            stop.clone(),
+            QUIET_BUCKET_RESTART_AFTER,
+            engine_waits,
+        );
         mirror_bucket(
             &self.pools,
             (bus, ROLE),
             bus.pools.clone(),
             stop.clone(),
-            None,
+            QUIET_BUCKET_RESTART_AFTER,
             raw,
         );
-        let agents_silence = Some(config.engine.agent_timeout);
+        let agents_silence = config.engine.agent_timeout;
         let agents = Arc::clone(&self.agents);
         let parker = bus.clone();
         let _ready =
