@@ -9,6 +9,31 @@ use std::time::{Duration, Instant};
 /// the server's pauses, and so the tail of dispatch latency under load, for some memory.
 pub const NATS_SERVER_GOGC: &str = "400";
 
+/// A loopback port free now, below the kernel's ephemeral range. A port the kernel hands out
+/// for `127.0.0.1:0` can be handed out again before the process it was picked for binds it
+/// (to a server binding port 0, or as the local port of an outgoing connection), and so can
+/// the port of a node that was killed, while it restarts.
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_start.max(11_000));
+    let seed = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (0..10_000u64)
+        .map(|attempt| low + (seed.wrapping_add(attempt.wrapping_mul(7_919)) % u64::from(high - low)) as u16)
+        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("no free loopback port between {low} and {high}"),
+            )
+        })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -98,13 +123,10 @@ impl NatsServer {
     /// `data_dir/node-i`. Give clients every node's URL.
     pub fn start_cluster(binary: &Path, data_dir: &Path) -> Result<Vec<NatsServer>, Error> {
         let free_port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .map(|address| address.port())
-                .map_err(|source| Error::Io {
-                    path: "127.0.0.1:0".into(),
-                    source,
-                })
+            free_loopback_port().map_err(|source| Error::Io {
+                path: "127.0.0.1".into(),
+                source,
+            })
         };
         let mut client_ports = Vec::new();
         let mut route_ports = Vec::new();

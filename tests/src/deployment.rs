@@ -19,25 +19,6 @@ pub struct Deployment {
     env: BTreeMap<String, Vec<(String, String)>>,
 }
 
-/// A loopback port free now, below the kernel's ephemeral range: a port the kernel handed
-/// out for `127.0.0.1:0` could be handed out again (to a master's metrics server) before the
-/// UI master it is meant for binds it.
-fn free_port() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (low, high) = (10_000u16, ephemeral_start.max(11_000));
-    let seed = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    (0..10_000u64)
-        .map(|attempt| low + (seed.wrapping_add(attempt.wrapping_mul(7_919)) % u64::from(high - low)) as u16)
-        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
-        .unwrap_or_else(|| panic!("no free port between {low} and {high}"))
-}
-
 impl Deployment {
     /// A deployment on one private nats-server with the configuration `toml`.
     pub fn new(toml: &str) -> Deployment {
@@ -188,7 +169,7 @@ impl Deployment {
 
     /// Starts a UI master and returns its API client.
     pub fn ui(&mut self, id: &str) -> Api {
-        let http = format!("127.0.0.1:{}", free_port());
+        let http = format!("127.0.0.1:{}", crate::free_port());
         self.master_with("ui", id, &["--http", &http]);
         let api = Api::new(format!("http://{http}"));
         self.uis.insert(id.to_owned(), api.clone());

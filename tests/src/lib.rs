@@ -23,6 +23,12 @@ pub fn start_nats(dir: &std::path::Path) -> NatsServer {
     NatsServer::start(&binary, &dir.join("nats"), None).expect("nats-server starts")
 }
 
+/// A loopback port free now, below the kernel's ephemeral range
+/// ([`services::nats_server::free_loopback_port`]).
+pub fn free_port() -> u16 {
+    services::nats_server::free_loopback_port().expect("a free loopback port")
+}
+
 /// Polls `check` until it yields a value or `deadline` passes; panics with `what` on timeout.
 pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where

@@ -39,12 +39,13 @@ fn compose_program() -> (&'static str, &'static [&'static str]) {
     }
 }
 
-/// Two distinct free loopback ports (both held until both are chosen).
+/// Two distinct free loopback ports.
 fn free_ports() -> (u16, u16) {
-    let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    let (first, second) = (bind(), bind());
-    let port = |listener: &std::net::TcpListener| listener.local_addr().expect("address").port();
-    (port(&first), port(&second))
+    let first = yard_tests::free_port();
+    let second = std::iter::repeat_with(yard_tests::free_port)
+        .find(|port| *port != first)
+        .expect("a second port");
+    (first, second)
 }
 
 fn stderr(output: &Output) -> String {

@@ -79,13 +79,6 @@ fn linux_agent(name: &str) -> AgentSpec {
     spec
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("free port")
-}
-
 /// Posts a change on `branch` and returns its id.
 async fn post_change(api: &Api, branch: &str, revision: &str) -> String {
     let (status, body) = api
@@ -168,7 +161,7 @@ async fn every_role_as_its_own_process() {
     let config_path = dir.path().join("yard.toml");
     std::fs::write(&config_path, CONFIG).unwrap();
     let config = config_path.to_str().unwrap();
-    let port = free_port();
+    let port = yard_tests::free_port();
     let http = format!("127.0.0.1:{port}");
     let workdir = dir.path().join("agent");
     let logs = dir.path();
@@ -240,7 +233,7 @@ async fn every_role_as_its_own_process() {
 async fn yard_up_runs_everything_in_one_process() {
     yard_tests::init_logging();
     let dir = tempfile::tempdir().unwrap();
-    let http = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", yard_tests::free_port());
     let data_dir = dir.path().join("data");
     // No --nats and no --config: a private nats-server and the bundled demo configuration.
     let mut up = YardProcess::start(

@@ -82,13 +82,6 @@ struct Secured {
     log: PathBuf,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("free port")
-}
-
 /// Runs `yard nats-config ARGS` and returns what it printed.
 fn nats_config(args: &[&str]) -> String {
     let output = std::process::Command::new(yard_binary())
@@ -110,7 +103,7 @@ fn secured(extra: &[&str]) -> (Secured, NatsServer) {
     let dir = tempfile::tempdir().expect("temp dir");
     let conf = dir.path().join("nats.conf");
     let passwords = dir.path().join("passwords.toml");
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", yard_tests::free_port());
     let store = dir.path().join("store");
     let mut args = vec![
         "--agents",
