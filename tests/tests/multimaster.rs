@@ -337,6 +337,16 @@ async fn a_step_that_died_with_its_engine_and_agent_runs_again_only_as_a_retry()
     assert_eq!(executions(&deployment).get(&step), Some(&2), "{build}");
 }
 
+/// A bus client of the private nats-server `nats`, as a master connects (creating what is
+/// missing).
+async fn bus_on(nats: &yard_tests::NatsServer, client_name: &str) -> services::Bus {
+    let mut config = services::config::YardConfig::default();
+    config.nats.url = nats.url().to_owned();
+    services::Bus::connect(&config.nats, &config.engine, client_name)
+        .await
+        .expect("bus connects")
+}
+
 /// A stream follower (engines' step results, UI views) replaces a consumer that has been
 /// silent for a while, since an ordered consumer can stall without a word when a NATS node
 /// fails over. The replacement resumes right after the last message applied: a follower
@@ -346,11 +356,7 @@ async fn a_quiet_stream_follower_restarts_without_skipping_or_repeating() {
     yard_tests::init_logging();
     let dir = tempfile::tempdir().unwrap();
     let nats = yard_tests::start_nats(dir.path());
-    let mut config = services::config::YardConfig::default();
-    config.nats.url = nats.url().to_owned();
-    let bus = services::Bus::connect(&config.nats, &config.engine, "follower-test")
-        .await
-        .expect("bus connects");
+    let bus = bus_on(&nats, "follower-test").await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let stop = tokio_util::sync::CancellationToken::new();
     let ready = services::watch::follow_stream(
@@ -420,6 +426,56 @@ async fn a_quiet_stream_follower_restarts_without_skipping_or_repeating() {
     stop.cancel();
 }
 
+/// What a [`services::watch::follow_bucket`] follower told, as "put KEY" and "removed KEY".
+struct ToldChanges {
+    changes: tokio::sync::mpsc::UnboundedReceiver<String>,
+    told: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl ToldChanges {
+    /// Follows `store`, restarting after `silence`, once the follower has replayed it.
+    async fn follow(store: async_nats::jetstream::kv::Store, silence: Duration) -> ToldChanges {
+        let (tx, changes) = tokio::sync::mpsc::unbounded_channel();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let ready = services::watch::follow_bucket(store, stop.clone(), silence, move |change| {
+            let _ = tx.send(match change {
+                services::watch::BucketChange::Put { key, .. } => format!("put {key}"),
+                services::watch::BucketChange::Removed { key } => format!("removed {key}"),
+            });
+        });
+        ready.await.expect("the follower replays the bucket");
+        ToldChanges {
+            changes,
+            told: Vec::new(),
+            stop,
+        }
+    }
+
+    /// Everything told so far, oldest first.
+    fn told(&mut self) -> &[String] {
+        while let Ok(change) = self.changes.try_recv() {
+            self.told.push(change);
+        }
+        &self.told
+    }
+
+    /// Waits until `change` has been told; returns everything told.
+    async fn wait_for(&mut self, change: &str) -> Vec<String> {
+        wait_until(change, Duration::from_secs(60), || {
+            let told = self.told().to_vec();
+            async move { told.iter().any(|told| told == change).then_some(told) }
+        })
+        .await
+    }
+}
+
+impl Drop for ToldChanges {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// A bucket follower's restart replays the bucket and then reports as removed what the replay
 /// no longer holds: an entry that went while the watch heard nothing (here purged from the
 /// bucket's stream, which tells no watcher) leaves the follower's picture, and the entries
@@ -429,38 +485,14 @@ async fn a_restarted_bucket_follower_drops_what_went_while_it_heard_nothing() {
     yard_tests::init_logging();
     let dir = tempfile::tempdir().unwrap();
     let nats = yard_tests::start_nats(dir.path());
-    let mut config = services::config::YardConfig::default();
-    config.nats.url = nats.url().to_owned();
-    let bus = services::Bus::connect(&config.nats, &config.engine, "bucket-follower-test")
-        .await
-        .expect("bus connects");
+    let bus = bus_on(&nats, "bucket-follower-test").await;
     let pools = bus.pools.clone();
     for key in ["server.kept", "server.gone"] {
         pools.put(key, "v1".into()).await.expect("put");
     }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let ready = services::watch::follow_bucket(
-        pools.clone(),
-        stop.clone(),
-        Duration::from_secs(2),
-        move |change| {
-            let _ = tx.send(match change {
-                services::watch::BucketChange::Put { key, .. } => format!("put {key}"),
-                services::watch::BucketChange::Removed { key } => format!("removed {key}"),
-            });
-        },
-    );
-    ready.await.expect("the follower replays the bucket");
-    let mut told = Vec::new();
-    let mut next = || {
-        while let Ok(change) = rx.try_recv() {
-            told.push(change);
-        }
-        told.clone()
-    };
+    let mut follower = ToldChanges::follow(pools.clone(), Duration::from_secs(2)).await;
     assert_eq!(
-        next().into_iter().collect::<BTreeSet<_>>(),
+        follower.told().iter().cloned().collect::<BTreeSet<_>>(),
         BTreeSet::from(["put server.gone".to_owned(), "put server.kept".to_owned()])
     );
     let bucket = bus_schema::subjects::POOLS_BUCKET;
@@ -473,23 +505,10 @@ async fn a_restarted_bucket_follower_drops_what_went_while_it_heard_nothing() {
         .filter(bus_schema::subjects::kv_key(bucket, "server.gone"))
         .await
         .expect("purged without a marker");
-    let told = wait_until(
-        "the follower to drop the purged key",
-        Duration::from_secs(60),
-        || {
-            let told = next();
-            async move { told.contains(&"removed server.gone".to_owned()).then_some(told) }
-        },
-    )
-    .await;
+    let told = follower.wait_for("removed server.gone").await;
     assert!(!told.contains(&"removed server.kept".to_owned()), "{told:?}");
     pools.put("server.new", "v1".into()).await.expect("put");
-    wait_until("a later put", Duration::from_secs(60), || {
-        let told = next();
-        async move { told.contains(&"put server.new".to_owned()).then_some(()) }
-    })
-    .await;
-    stop.cancel();
+    follower.wait_for("put server.new").await;
 }
 
 /// An entry that expires from a bucket with a `max_age` is told to its followers as removed
@@ -512,43 +531,13 @@ async fn an_expired_bucket_entry_is_told_to_followers() {
         })
         .await
         .expect("a bucket as an older Yardmaster made it");
-    let mut config = services::config::YardConfig::default();
-    config.nats.url = nats.url().to_owned();
-    let bus = services::Bus::connect(&config.nats, &config.engine, "expiry-test")
-        .await
-        .expect("bus connects");
+    let bus = bus_on(&nats, "expiry-test").await;
     let waits = bus.waits.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let stop = tokio_util::sync::CancellationToken::new();
     // A silence restart would drop the entry too: far off, so only the marker can tell.
-    let ready = services::watch::follow_bucket(
-        waits.clone(),
-        stop.clone(),
-        Duration::from_secs(600),
-        move |change| {
-            let _ = tx.send(match change {
-                services::watch::BucketChange::Put { key, .. } => format!("put {key}"),
-                services::watch::BucketChange::Removed { key } => format!("removed {key}"),
-            });
-        },
-    );
-    ready.await.expect("the follower starts");
+    let mut follower = ToldChanges::follow(waits.clone(), Duration::from_secs(600)).await;
     waits.put("engine-gone", "v1".into()).await.expect("put");
-    let mut told = Vec::new();
-    wait_until(
-        "the expired entry to be told removed",
-        Duration::from_secs(60),
-        || {
-            while let Ok(change) = rx.try_recv() {
-                told.push(change);
-            }
-            let done = told.contains(&"removed engine-gone".to_owned());
-            async move { done.then_some(()) }
-        },
-    )
-    .await;
+    let told = follower.wait_for("removed engine-gone").await;
     assert_eq!(told, ["put engine-gone", "removed engine-gone"]);
-    stop.cancel();
 }
 
 /// A killed engine's waits leave the waits view once it is dead (its record expires from the
