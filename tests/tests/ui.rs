@@ -16,10 +16,16 @@ name = "b"
 name = "s"
 run = "echo done"
 
+[[builder]]
+name = "tail"
+[[builder.steps]]
+name = "gated"
+run = 'echo first; while [ ! -f "$GATE" ]; do sleep 0.05; done; seq 1 2000'
+
 [[scheduler]]
 name = "force"
 kind = "force"
-builders = ["b"]
+builders = ["b", "tail"]
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -159,4 +165,57 @@ async fn a_ui_master_restarts_from_a_snapshot_and_replays_only_the_rest() {
         .await;
     assert_eq!(status, 200);
     assert_eq!(build["result"], "success");
+}
+
+/// A step's log tailed while it runs (`/log/stream`) ends only once its last line was sent:
+/// the step's end can reach the UI master's view before its last chunks reach the tail, and
+/// the tail must not take the one for the other. Three builds, each ending in a burst of
+/// 2,000 lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tailed_log_ends_only_after_its_last_line() {
+    let cluster = Cluster::start(CONFIG, vec![AgentSpec::new("a1")]).await;
+    let api = &cluster.api;
+    for run in 0..3 {
+        let gate = cluster.path().join(format!("gate-{run}"));
+        let id = api
+            .force("tail", json!({ "GATE": gate.display().to_string() }))
+            .await;
+        api.wait_build(&id, Duration::from_secs(30), |build| {
+            build["steps"][0]["state"] == "running"
+        })
+        .await;
+        let response = reqwest::get(api.url(&format!("/api/v1/builds/{id}/steps/0/log/stream")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.bytes_stream();
+        let mut sse = String::new();
+        let mut gate_open = false;
+        let ended = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(chunk) = body.next().await {
+                sse.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+                if !gate_open && sse.contains("first") {
+                    std::fs::write(&gate, "").expect("gate file");
+                    gate_open = true;
+                }
+                if sse.contains("event: end") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(ended, Ok(true), "the tail said: {sse}");
+        let text: String = sse
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+            .filter_map(|chunk| chunk["text"].as_str().map(|text| format!("{text}\n")))
+            .collect();
+        assert!(
+            text.ends_with("\n1999\n2000\n"),
+            "run {run}: the tail ended before the log's last line: ...{}",
+            &text[text.len().saturating_sub(200)..]
+        );
+    }
 }

@@ -115,10 +115,13 @@ async fn tail_log(
     mut messages: consumer::pull::Ordered,
     events: mpsc::Sender<Event>,
 ) {
-    // How long a finished step's log may stay quiet before the stream is declared complete
-    // (chunks are stored before the step's end, so this only covers the follower's own lag).
+    // Chunks are stored before the step's end, so once the step is over its log's last chunk
+    // is known: the log is complete when the follower has delivered it. Only when that
+    // cannot be looked up does a quiet spell of SETTLE stand in for it.
     const SETTLE: Duration = Duration::from_millis(300);
-    let mut caught_up = false;
+    let subject = subjects::step_log(&id, index);
+    let mut delivered_through = 0;
+    let mut last_chunk: Option<u64> = None;
     let mut last_activity = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -133,7 +136,9 @@ async fn tail_log(
                     None => return,
                 };
                 last_activity = Instant::now();
-                caught_up = message.info().map(|info| info.pending == 0).unwrap_or(false);
+                if let Ok(info) = message.info() {
+                    delivered_through = info.stream_sequence;
+                }
                 let chunk = match bus_schema::decode::<LogChunk>(&message.payload) {
                     Ok(chunk) => chunk,
                     Err(error) => {
@@ -171,13 +176,38 @@ async fn tail_log(
                             matches!(step.state, StepState::Finished | StepState::Skipped)
                         })
                 });
-                if done && (caught_up || last_activity.elapsed() >= SETTLE) {
+                if !done {
+                    continue;
+                }
+                if last_chunk.is_none() {
+                    last_chunk = last_sequence_of(&state, &subject).await;
+                }
+                let complete = match last_chunk {
+                    Some(last) => delivered_through >= last,
+                    None => last_activity.elapsed() >= SETTLE,
+                };
+                if complete {
                     // An event with empty data is never dispatched by browsers: say something.
                     let _ = events.send(Event::default().event("end").data("complete")).await;
                     return;
                 }
             }
             _ = events.closed() => return,
+        }
+    }
+}
+
+/// The stream sequence of the newest message stored under `subject` in the logs stream (0
+/// when there is none), read from the stream's leader; `None` when it cannot be read.
+async fn last_sequence_of(state: &AppState, subject: &str) -> Option<u64> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let stream = state.bus.stream(subjects::LOGS_STREAM).await.ok()?;
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => Some(message.sequence),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Some(0),
+        Err(error) => {
+            tracing::debug!(%subject, %error, "cannot look up a log's last chunk");
+            None
         }
     }
 }
