@@ -194,7 +194,8 @@ async fn a_tailed_log_ends_only_after_its_last_line() {
         let ended = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(chunk) = body.next().await {
                 sse.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-                if !gate_open && sse.contains("first") {
+                // The line itself (the last of its chunk), not the command's header line.
+                if !gate_open && sse.contains("first\"") {
                     std::fs::write(&gate, "").expect("gate file");
                     gate_open = true;
                 }
