@@ -127,9 +127,8 @@ fn warn_about_conflicts(
         Err(_) => return,
     };
     let mut reported = std::collections::HashSet::new();
-    let silence = config_dead_after;
     let parker = bus.clone();
-    let _ready = crate::watch::follow_bucket(bus.masters.clone(), stop, silence, move |change| {
+    let _ready = crate::watch::follow_bucket(bus.masters.clone(), stop, config_dead_after, move |change| {
         let crate::watch::BucketChange::Put { key, value } = change else {
             return;
         };
