@@ -292,7 +292,7 @@ impl Agent {
                     let key = (assignment.build_id.clone(), assignment.attempt, assignment.index);
                     let release_after = assignment.release_after;
                     tracing::debug!(build = %key.0, attempt = key.1, index = key.2, release_after, "step started");
-                    let ended = step::run(&agent, assignment, cancel).await;
+                    let ended = step::run(&agent, *assignment, cancel).await;
                     tracing::debug!(build = %key.0, attempt = key.1, index = key.2, "step ended");
                     // Let go of the build first when nothing more of it runs here, so that
                     // whoever learns of the step's end finds the agent free.

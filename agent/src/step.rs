@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus_schema::{
-    subjects, BuildEventKind, LogChunk, LogLine, LogStream, StepAssignment, StepResult, Timestamp,
+    subjects, BuildEvent, BuildEventKind, LogChunk, LogLine, LogStream, StepAssignment, StepEndAnswer,
+    StepResult, Timestamp,
 };
 use bytes::Bytes;
 use nix::sys::signal::{killpg, Signal};
@@ -32,6 +33,9 @@ const MAX_CHUNK_BYTES: usize = 256 * 1024;
 const LINE_OVERHEAD_BYTES: usize = 8;
 /// Log chunks of one step published and not yet confirmed stored, at most.
 const MAX_CHUNKS_IN_FLIGHT: usize = 256;
+/// How long the engine has to confirm it stored a step's end handed to it; after that the
+/// agent stores it itself (the engine holds it for at most a few milliseconds).
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Outcome {
     result: StepResult,
@@ -48,11 +52,16 @@ pub(crate) struct StepEnd {
     /// When the step ended here, before the agent let go of its build: the recorded end, so
     /// that no later start on this machine can be recorded ahead of it.
     ended_at: Timestamp,
+    /// The engine that takes the step's end to store it ([`StepAssignment::report_to`]).
+    report_to: Option<String>,
 }
 
 impl StepEnd {
-    /// Stores the step-finished event, retrying until JetStream has it or the agent's bus is
-    /// gone: the engine waits for this event, so it must not be dropped on a passing error.
+    /// Reports the step-finished event: handed to the engine that asked for the step, which
+    /// stores it with the build's next event, or, when that engine does not confirm it stored
+    /// it, stored here, retrying until JetStream has it or the agent's bus is gone. The engine
+    /// waits for this event, so it must not be dropped on a passing error. Stored twice (an
+    /// answer lost on the way), it folds the same.
     pub(crate) async fn report(self, agent: &Agent) {
         let finished = BuildEventKind::StepFinished {
             index: self.index,
@@ -61,7 +70,16 @@ impl StepEnd {
             exit_code: self.outcome.exit_code,
             message: self.outcome.message,
         };
-        if !store_until_stored(agent, &self.build_id, self.index, self.ended_at, finished).await {
+        let event = BuildEvent::new(self.build_id.clone(), self.ended_at, finished);
+        if let Some(engine) = &self.report_to {
+            match hand_over(agent, engine, &event).await {
+                Ok(()) => return,
+                Err(reason) => {
+                    tracing::debug!(build = %self.build_id, index = self.index, %reason, "step end not taken by the engine; storing it here");
+                }
+            }
+        }
+        if !store_until_stored(agent, &self.build_id, self.index, self.ended_at, event.kind).await {
             tracing::error!(build = %self.build_id, index = self.index, "step result could not be stored; the engine will see the step as lost");
         }
     }
@@ -73,6 +91,7 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
     let build_id = assignment.build_id.clone();
     let index = assignment.index;
     let attempt = assignment.attempt;
+    let report_to = assignment.report_to.clone();
     // The engine stored the step's start, naming this run of the agent, before asking.
     if let Some(step_started) = &agent.settings.step_started {
         let _ = step_started.send((build_id.clone(), std::time::Instant::now()));
@@ -90,6 +109,7 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
             index,
             outcome,
             ended_at: now(),
+            report_to,
         };
     }
     let masker = Arc::new(Masker::new(&assignment.masked));
@@ -113,6 +133,7 @@ pub(crate) async fn run(agent: &Agent, assignment: StepAssignment, cancel: Cance
         index,
         outcome,
         ended_at: now(),
+        report_to,
     }
 }
 
@@ -440,6 +461,23 @@ async fn chunk_stored(ack: Option<async_nats::jetstream::context::PublishAckFutu
 
 /// Stores a step event, retrying with backoff (about a minute and a half in all) through a
 /// NATS node failing over; false if JetStream never took it.
+/// Hands a step's end to the engine at `subject` and waits for it to say it stored it.
+async fn hand_over(agent: &Agent, subject: &str, event: &BuildEvent) -> Result<(), String> {
+    let payload = Bytes::from(bus_schema::encode(event));
+    let answer = tokio::time::timeout(
+        HAND_OVER_TIMEOUT,
+        agent.bus.client.request(subject.to_owned(), payload),
+    )
+    .await
+    .map_err(|_| format!("no answer within {} s", HAND_OVER_TIMEOUT.as_secs()))?
+    .map_err(|error| error.to_string())?;
+    match bus_schema::decode::<StepEndAnswer>(&answer.payload) {
+        Ok(StepEndAnswer::Stored) => Ok(()),
+        Ok(StepEndAnswer::Declined { reason }) => Err(format!("declined: {reason}")),
+        Err(error) => Err(format!("undecodable answer: {error}")),
+    }
+}
+
 async fn store_until_stored(
     agent: &Agent,
     build_id: &str,

@@ -250,6 +250,23 @@ pub struct StepAssignment {
     /// build as the step ends (before reporting it), with no `Release` to wait for.
     #[serde(default)]
     pub release_after: bool,
+    /// Where the agent hands the step's end (the `step_finished` event it would store) to
+    /// the engine driving the build, as a core request. That engine stores it together with
+    /// the build's next event, one write for both, and answers [`StepEndAnswer::Stored`]
+    /// once JetStream has it. Without this subject, or without that answer, the agent stores
+    /// the event itself.
+    #[serde(default)]
+    pub report_to: Option<String>,
+}
+
+/// An engine's answer to an agent handing it a step's end ([`StepAssignment::report_to`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepEndAnswer {
+    /// The step's end is stored.
+    Stored,
+    /// The engine does not wait for this step (any more), or could not use the message: the
+    /// agent stores the step's end itself.
+    Declined { reason: String },
 }
 
 /// Shortest secret value masked in logs: masking a one- or two-byte value would garble every
@@ -261,7 +278,7 @@ pub const MIN_MASKED_BYTES: usize = 3;
 pub enum AgentCommand {
     /// Start a step. The agent takes it only if it is idle or already busy with the same build;
     /// taking it holds the agent for the build, as `Hold` does.
-    RunStep(StepAssignment),
+    RunStep(Box<StepAssignment>),
     /// Reserve the agent for a build without running anything yet (a master step holding its
     /// agent while its children run elsewhere). Same rule as `RunStep`.
     Hold { build_id: String },

@@ -152,6 +152,15 @@ pub fn engine_drives(engine_id: &str) -> String {
 /// Filter matching every engine's [`engine_drives`] subject.
 pub const ENGINE_DRIVES_ALL: &str = "yard.engine.*.drives";
 
+/// Where agents hand an engine the ends of the steps it asked them to run (see
+/// `StepAssignment::report_to`); the reply is a `StepEndAnswer`.
+pub fn engine_step_ends(engine_id: &str) -> String {
+    format!("yard.engine.{engine_id}.step_ends")
+}
+
+/// Filter matching every engine's [`engine_step_ends`] subject.
+pub const ENGINE_STEP_ENDS_ALL: &str = "yard.engine.*.step_ends";
+
 /// The inbox prefix of a connection as NATS user `user`: replies to its requests (and
 /// JetStream deliveries to it) come to `_INBOX.<user>.>`, so that a server can let each user
 /// read its own replies only.

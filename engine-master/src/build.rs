@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use bus_schema::{
     subjects, AgentCommand, AgentReply, BuildEvent, BuildEventKind, BuildRecord, BuildRequest, BuildResult,
-    EarlierEvent, LogChunk, LogLine, LogStream, PlannedStep, StepAssignment, StepResult, StepState,
-    WaitRecord,
+    EarlierEvent, LogChunk, LogLine, LogStream, PlannedStep, StepAssignment, StepEndAnswer, StepResult,
+    StepState, WaitRecord,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::directory::Acquired;
-use crate::{Engine, StepOutcome};
+use crate::{Engine, HandedOver, StepEnded, StepOutcome};
 
 /// How long an agent has to answer a command.
 const AGENT_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,6 +35,10 @@ const AGENT_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// recorded among the engine's waits: most waits end within moments when agents turn over
 /// quickly, and cost nothing.
 const WAIT_TOLD_AFTER: Duration = Duration::from_millis(250);
+/// How long a step end an agent handed over waits for the build's next event to be stored
+/// with; the next event almost always comes at once (the next step's start, the build's end),
+/// and one that does not must not keep the step's end from the build's followers.
+const HANDED_OVER_HELD_FOR: Duration = Duration::from_millis(50);
 
 /// Claims one build request and drives the build to its end.
 pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
@@ -128,7 +132,7 @@ pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
         properties: Mutex::new(properties),
         pending_acks: Mutex::new(Vec::new()),
         unannounced_claim: Mutex::new(None),
-        held: Mutex::new(Vec::new()),
+        held: Arc::new(Mutex::new(Held::default())),
     };
     // An adopted build continues from what its events say; if they cannot be read now (the
     // bus failing over), it must not start over as if new: leave it claimed but unfinished,
@@ -295,8 +299,21 @@ struct BuildDriver {
     unannounced_claim: Mutex<Option<Vec<PlannedStep>>>,
     /// Events held back to be stored with the build's next event, in one message
     /// ([`BuildEvent::earlier`]): the claim, and the master agent, are always followed at
-    /// once by the build's next event (a step's start, a wait, a skip).
-    held: Mutex<Vec<EarlierEvent>>,
+    /// once by the build's next event (a step's start, a wait, a skip); so, almost always, is
+    /// a step's end its agent handed over.
+    held: Arc<Mutex<Held>>,
+}
+
+/// What a build holds back for its next event.
+#[derive(Default)]
+struct Held {
+    events: Vec<EarlierEvent>,
+    /// The agents that handed over step ends among `events`, waiting to hear them stored.
+    answer_to: Vec<async_nats::Subject>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl BuildDriver {
@@ -312,17 +329,16 @@ impl BuildDriver {
         self.holds.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The messages to store for `kind` now, oldest first: none when it is held back for the
-    /// build's next event; else `kind` carrying the held events, or, for an event stored once
-    /// per build (whose message id must stay its own), the held events before it.
-    fn outgoing(&self, kind: BuildEventKind) -> Vec<BuildEvent> {
+    /// The message to store for `kind` now, and the agents to answer once it is stored: none
+    /// when it is held back for the build's next event; else `kind` carrying the held events.
+    fn outgoing(&self, kind: BuildEventKind) -> Option<(BuildEvent, Vec<async_nats::Subject>)> {
         let at = now();
         let claim = self
             .unannounced_claim
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
-        let mut held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut held = lock(&self.held);
         let kind = match claim {
             None => kind,
             Some(steps) => {
@@ -342,7 +358,7 @@ impl BuildDriver {
                 if folded {
                     claimed
                 } else {
-                    held.push(EarlierEvent { at, kind: claimed });
+                    held.events.push(EarlierEvent { at, kind: claimed });
                     kind
                 }
             }
@@ -353,31 +369,59 @@ impl BuildDriver {
             _ => false,
         };
         if holds_back {
-            held.push(EarlierEvent { at, kind });
-            return Vec::new();
+            held.events.push(EarlierEvent { at, kind });
+            return None;
         }
-        let mut earlier = std::mem::take(&mut *held);
         let mut event = BuildEvent::new(self.id(), at, kind);
-        if event.kind.once_per_build_id(self.id()).is_none() {
-            event.earlier = earlier;
-            return vec![event];
-        }
-        let mut messages = Vec::new();
-        if let Some(last) = earlier.pop() {
-            let mut alone = BuildEvent::new(self.id(), last.at, last.kind);
-            alone.earlier = earlier;
-            messages.push(alone);
-        }
-        messages.push(event);
-        messages
+        event.earlier = std::mem::take(&mut held.events);
+        Some((event, std::mem::take(&mut held.answer_to)))
     }
 
     /// Publishes an event without waiting for it to be stored; [`Self::flush_events`] makes
-    /// sure it was.
+    /// sure it was. One that carries a step end an agent handed over is stored at once: the
+    /// agent waits to hear so.
     async fn publish(&self, kind: BuildEventKind) {
-        for event in self.outgoing(kind) {
-            self.publish_now(event).await;
+        match self.outgoing(kind) {
+            None => {}
+            Some((event, answer_to)) if answer_to.is_empty() => self.publish_now(event).await,
+            Some((event, answer_to)) => {
+                store_answering(&self.engine, event, answer_to).await;
+            }
         }
+    }
+
+    /// Holds a step end its agent handed over, to be stored with the build's next event; if
+    /// none comes within [`HANDED_OVER_HELD_FOR`], it is stored on its own.
+    fn hold_step_end(&self, handed: HandedOver) {
+        {
+            let mut held = lock(&self.held);
+            held.events.push(EarlierEvent {
+                at: handed.event.at,
+                kind: handed.event.kind,
+            });
+            held.answer_to.push(handed.answer_to);
+        }
+        let engine = Arc::clone(&self.engine);
+        let held = Arc::clone(&self.held);
+        let build_id = self.id().to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(HANDED_OVER_HELD_FOR).await;
+            let (mut events, answer_to) = {
+                let mut held = lock(&held);
+                if held.answer_to.is_empty() {
+                    // Stored with a later event already.
+                    return;
+                }
+                (
+                    std::mem::take(&mut held.events),
+                    std::mem::take(&mut held.answer_to),
+                )
+            };
+            let Some(last) = events.pop() else { return };
+            let mut event = BuildEvent::new(build_id, last.at, last.kind);
+            event.earlier = events;
+            store_answering(&engine, event, answer_to).await;
+        });
     }
 
     async fn publish_now(&self, event: BuildEvent) {
@@ -389,7 +433,7 @@ impl BuildDriver {
                 .push((event, ack)),
             Err(error) => {
                 tracing::warn!(build = %self.id(), %error, "event not published; storing it again");
-                self.store_retrying(event).await;
+                store_retrying(&self.engine, event).await;
             }
         }
     }
@@ -408,7 +452,7 @@ impl BuildDriver {
         for (event, ack) in pending {
             if let Err(error) = ack.into_future().await {
                 tracing::warn!(build = %self.id(), %error, "event not stored; storing it again");
-                all_stored &= self.store_retrying(event).await;
+                all_stored &= store_retrying(&self.engine, event).await;
             }
         }
         all_stored
@@ -417,28 +461,10 @@ impl BuildDriver {
     /// Stores an event (with what was held back for it), retrying with backoff while the bus
     /// refuses it; false if it gave up.
     async fn store_with_retries(&self, kind: BuildEventKind) -> bool {
-        let mut all_stored = true;
-        for event in self.outgoing(kind) {
-            all_stored &= self.store_retrying(event).await;
+        match self.outgoing(kind) {
+            None => true,
+            Some((event, answer_to)) => store_answering(&self.engine, event, answer_to).await,
         }
-        all_stored
-    }
-
-    /// Stores one message, retrying with backoff while the bus refuses it; false if it gave up.
-    async fn store_retrying(&self, event: BuildEvent) -> bool {
-        let mut delay = Duration::from_millis(50);
-        for try_number in 1..=20 {
-            match self.engine.bus.store_built_event(&event).await {
-                Ok(_) => return true,
-                Err(error) => {
-                    tracing::warn!(build = %self.id(), %error, try_number, "event not stored; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        tracing::error!(build = %self.id(), kind = ?event.kind, "event not stored: the bus did not take it");
-        false
     }
 
     /// The build's state from its events when it was redelivered (adopted); `Err` if they
@@ -1214,6 +1240,7 @@ impl BuildDriver {
                 .collect(),
             require_session,
             release_after,
+            report_to: Some(subjects::engine_step_ends(&self.engine.id)),
         };
         // Stored before the agent is asked: a step whose start is not on the bus never ran, and
         // the start names the run of the agent asked to run it, so an engine adopting the build
@@ -1242,7 +1269,7 @@ impl BuildDriver {
         // Asked until it answers or is lost, even when the step takes the agent: a reply lost
         // on the way may hide a step that started, which must not start elsewhere as well.
         let (answer, asks) = self
-            .command_counting_asks(agent, AgentCommand::RunStep(assignment))
+            .command_counting_asks(agent, AgentCommand::RunStep(Box::new(assignment)))
             .await;
         match answer {
             // Past its session check, an agent that ran or runs the step says so: busy with
@@ -1322,7 +1349,7 @@ impl BuildDriver {
         agent: &str,
         session: &str,
         index: u32,
-        mut result_rx: oneshot::Receiver<StepOutcome>,
+        mut result_rx: oneshot::Receiver<StepEnded>,
     ) -> NodeEnd {
         let attempt = self.attempt();
         let mut liveness = tokio::time::interval(Duration::from_millis(500));
@@ -1333,10 +1360,15 @@ impl BuildDriver {
         let key = (self.id().to_owned(), attempt, index);
         loop {
             tokio::select! {
-                outcome = &mut result_rx => {
+                ended = &mut result_rx => {
                     tracing::debug!(build = %self.id(), %agent, index, "step result received");
-                    return NodeEnd::Done(match outcome {
-                        Ok(outcome) => outcome,
+                    return NodeEnd::Done(match ended {
+                        Ok(StepEnded { outcome, handed_over }) => {
+                            if let Some(handed) = handed_over {
+                                self.hold_step_end(handed);
+                            }
+                            outcome
+                        }
                         Err(_) => self.recorded_outcome(index).await.unwrap_or_else(|| exception("step result lost".into())),
                     });
                 }
@@ -1591,6 +1623,59 @@ fn combine(ends: Vec<NodeEnd>) -> NodeEnd {
             }),
             NodeEnd::Done,
         )
+}
+
+/// Stores one message, retrying with backoff while the bus refuses it; false if it gave up.
+///
+/// A message that carries earlier events and turns out a duplicate (the build's end, stored
+/// once per build: a retry after a lost ack, or another engine's end of the same build) may
+/// have been stored without them; the step ends among them, which agents were told are
+/// stored, are stored again on their own (a step end stored twice folds the same).
+async fn store_retrying(engine: &Engine, event: BuildEvent) -> bool {
+    let build_id = event.build_id.clone();
+    let mut message = event;
+    let mut delay = Duration::from_millis(50);
+    let mut try_number = 0;
+    while try_number < 20 {
+        try_number += 1;
+        match engine.bus.store_built_event(&message).await {
+            Ok(ack) if ack.duplicate => {
+                let mut step_ends: Vec<EarlierEvent> = std::mem::take(&mut message.earlier)
+                    .into_iter()
+                    .filter(|earlier| matches!(earlier.kind, BuildEventKind::StepFinished { .. }))
+                    .collect();
+                let Some(last) = step_ends.pop() else { return true };
+                message = BuildEvent::new(build_id.clone(), last.at, last.kind);
+                message.earlier = step_ends;
+                try_number = 0;
+            }
+            Ok(_) => return true,
+            Err(error) => {
+                tracing::warn!(build = %build_id, %error, try_number, "event not stored; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::error!(build = %build_id, kind = ?message.kind, "event not stored: the bus did not take it");
+    false
+}
+
+/// Stores one message and then tells the agents whose handed-over step ends it carries that
+/// they are stored, or, if the bus did not take it, to store them themselves.
+async fn store_answering(engine: &Engine, event: BuildEvent, answer_to: Vec<async_nats::Subject>) -> bool {
+    let stored = store_retrying(engine, event).await;
+    for subject in answer_to {
+        let answer = if stored {
+            StepEndAnswer::Stored
+        } else {
+            StepEndAnswer::Declined {
+                reason: format!("engine {} could not store it", engine.id),
+            }
+        };
+        crate::listeners::answer_step_end(&engine.bus, subject, answer).await;
+    }
+    stored
 }
 
 fn build_result(result: StepResult) -> BuildResult {

@@ -40,6 +40,22 @@ pub(crate) struct StepOutcome {
     pub message: Option<String>,
 }
 
+/// A step's end as the driver waiting for it hears of it.
+#[derive(Debug)]
+pub(crate) struct StepEnded {
+    pub outcome: StepOutcome,
+    /// Set when the agent handed the end to this engine instead of storing it: the driver
+    /// stores it with the build's next event and then answers the agent.
+    pub handed_over: Option<HandedOver>,
+}
+
+/// A step-finished event an agent handed over, and where to answer it.
+#[derive(Debug)]
+pub(crate) struct HandedOver {
+    pub event: bus_schema::BuildEvent,
+    pub answer_to: async_nats::Subject,
+}
+
 /// State shared by the engine's loops and build drivers.
 pub(crate) struct Engine {
     pub id: String,
@@ -47,7 +63,7 @@ pub(crate) struct Engine {
     pub bus: Bus,
     pub directory: Directory,
     /// Drivers waiting for a step's result, by (build id, attempt, step index).
-    pub step_results: DashMap<(String, u32, u32), oneshot::Sender<StepOutcome>>,
+    pub step_results: DashMap<(String, u32, u32), oneshot::Sender<StepEnded>>,
     /// Builds someone asked to cancel (from the cancels bucket).
     pub cancel_requests: DashSet<String>,
     /// Builds driven by this engine, with the token that cancels each.
@@ -177,6 +193,7 @@ pub async fn run(config: Arc<YardConfig>, bus: Bus, shutdown: CancellationToken)
     tokio::spawn(deadlock_loop(Arc::clone(&engine), listeners_stop.clone()));
     services::metrics::spawn_rtt_probe(engine.bus.clone(), "engine", listeners_stop.clone());
     answer_drives_questions(Arc::clone(&engine), listeners_stop.clone()).await?;
+    listeners::take_handed_over_step_ends(Arc::clone(&engine), listeners_stop.clone()).await?;
 
     let builds = TaskTracker::new();
     claim_loop(&engine, &builds, &shutdown).await;

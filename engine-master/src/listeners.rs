@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
-use bus_schema::{subjects, AgentRecord, BuildEvent, BuildEventKind};
+use bus_schema::{subjects, AgentRecord, BuildEvent, BuildEventKind, StepEndAnswer};
+use futures::StreamExt;
 use services::watch::{follow_bucket, follow_stream, BucketChange, StreamStart, QUIET_BUCKET_RESTART_AFTER};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Engine, StepOutcome};
+use crate::{Engine, HandedOver, StepEnded, StepOutcome};
 
 pub(crate) fn spawn_agents_watch(engine: Arc<Engine>, stop: CancellationToken) -> oneshot::Receiver<()> {
     let store = engine.bus.agents.clone();
@@ -84,7 +85,115 @@ pub(crate) fn deliver(engine: &Engine, event: BuildEvent) {
     } = event.kind
     {
         if let Some((_, waiting)) = engine.step_results.remove(&(event.build_id, attempt, index)) {
-            let _ = waiting.send(StepOutcome { result, message });
+            let _ = waiting.send(StepEnded {
+                outcome: StepOutcome { result, message },
+                handed_over: None,
+            });
         }
+    }
+}
+
+/// Takes the step ends agents hand to this engine ([`bus_schema::StepAssignment::report_to`])
+/// to the drivers waiting for them, which answer once they stored them. One that no driver
+/// waits for, or that cannot be read, is declined at once: its agent stores it itself.
+pub(crate) async fn take_handed_over_step_ends(
+    engine: Arc<Engine>,
+    stop: CancellationToken,
+) -> Result<(), crate::Error> {
+    let subject = subjects::engine_step_ends(&engine.id);
+    let mut handed = engine
+        .bus
+        .client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| services::bus::Error::nats("listening for step ends handed over by agents", e))?;
+    tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                message = handed.next() => message,
+                _ = stop.cancelled() => return,
+            };
+            let Some(message) = message else { return };
+            let Some(answer_to) = message.reply.clone() else {
+                continue;
+            };
+            let event = match bus_schema::decode::<BuildEvent>(&message.payload) {
+                Ok(event) => event,
+                Err(error) => {
+                    tokio::spawn(engine.bus.park_dead_letter(
+                        crate::ROLE,
+                        &subject,
+                        &message.payload,
+                        &error,
+                    ));
+                    let reason = format!("undecodable step end: {error}");
+                    answer_step_end(&engine.bus, answer_to, StepEndAnswer::Declined { reason }).await;
+                    continue;
+                }
+            };
+            let declined = match hand_to_driver(&engine, event, answer_to) {
+                Ok(()) => continue,
+                Err(declined) => declined,
+            };
+            let (answer_to, reason) = declined;
+            answer_step_end(&engine.bus, answer_to, StepEndAnswer::Declined { reason }).await;
+        }
+    });
+    Ok(())
+}
+
+/// Gives a handed-over step end to the driver waiting for it; else where to decline it, and why.
+fn hand_to_driver(
+    engine: &Engine,
+    event: BuildEvent,
+    answer_to: async_nats::Subject,
+) -> Result<(), (async_nats::Subject, String)> {
+    let BuildEventKind::StepFinished {
+        index,
+        attempt,
+        result,
+        ref message,
+        ..
+    } = event.kind
+    else {
+        return Err((
+            answer_to,
+            format!("not a step end: {}", event.kind.subject_kind()),
+        ));
+    };
+    let key = (event.build_id.clone(), attempt, index);
+    let Some((_, waiting)) = engine.step_results.remove(&key) else {
+        return Err((answer_to, format!("engine {} waits for no such step", engine.id)));
+    };
+    let outcome = StepOutcome {
+        result,
+        message: message.clone(),
+    };
+    let handed_over = HandedOver {
+        event,
+        answer_to: answer_to.clone(),
+    };
+    waiting
+        .send(StepEnded {
+            outcome,
+            handed_over: Some(handed_over),
+        })
+        .map_err(|_| {
+            (
+                answer_to,
+                format!("engine {} no longer waits for the step", engine.id),
+            )
+        })
+}
+
+/// Tells an agent what became of the step end it handed over.
+pub(crate) async fn answer_step_end(
+    bus: &services::Bus,
+    answer_to: async_nats::Subject,
+    answer: StepEndAnswer,
+) {
+    let payload = bytes::Bytes::from(bus_schema::encode(&answer));
+    if let Err(error) = bus.client.publish(answer_to, payload).await {
+        tracing::debug!(%error, "answer to a handed-over step end not sent");
     }
 }

@@ -321,14 +321,19 @@ impl Bus {
         at: Timestamp,
         kind: BuildEventKind,
     ) -> Result<u64, Error> {
-        self.store_built_event(&BuildEvent::new(build_id, at, kind)).await
+        let ack = self
+            .store_built_event(&BuildEvent::new(build_id, at, kind))
+            .await?;
+        Ok(ack.sequence)
     }
 
     /// [`Bus::publish_built_event`], waiting until JetStream stored it.
-    pub async fn store_built_event(&self, event: &BuildEvent) -> Result<u64, Error> {
+    pub async fn store_built_event(
+        &self,
+        event: &BuildEvent,
+    ) -> Result<jetstream::publish::PublishAck, Error> {
         let ack = self.publish_built_event(event).await?;
-        let ack = ack.await.map_err(|e| Error::nats("storing a build event", e))?;
-        Ok(ack.sequence)
+        ack.await.map_err(|e| Error::nats("storing a build event", e))
     }
 
     /// Stores a build request and its `requested` event (both deduplicated on the build id,

@@ -310,6 +310,8 @@ pub fn permissions(role: &Role) -> Option<Permissions> {
                 .publish(subjects::AGENT_COMMANDS_ALL)
                 .publish(subjects::ENGINE_DRIVES_ALL)
                 .subscribe(subjects::ENGINE_DRIVES_ALL)
+                // Step ends handed over by agents.
+                .subscribe(subjects::ENGINE_STEP_ENDS_ALL)
                 // The directory, cancels, waits and pools.
                 .watch_bucket(AGENTS_BUCKET)
                 .watch_bucket(CANCELS_BUCKET)
@@ -362,6 +364,7 @@ pub fn permissions(role: &Role) -> Option<Permissions> {
                 .subscribe(subjects::agent_commands(name))
                 .write_keys(AGENTS_BUCKET, name)
                 .publish(subjects::events_of_kind("step_finished"))
+                .publish(subjects::ENGINE_STEP_ENDS_ALL)
                 .publish(subjects::LOGS_ALL)
                 // Which masters refuse it (their protocol), and toolkits.
                 .watch_bucket(MASTERS_BUCKET)
@@ -686,6 +689,9 @@ mod tests {
         assert!(!agent.may_publish("yard.event.01J.finished"));
         // The engine records a step's start before it asks the agent.
         assert!(!agent.may_publish("yard.event.01J.step_started"));
+        // ...and may take the step's end from the agent, to store it with the next event.
+        assert!(agent.may_publish("yard.engine.e1.step_ends"));
+        assert!(!agent.may_subscribe("yard.engine.e1.step_ends"));
         assert!(agent.may_publish("yard.log.01J.3"));
         for forbidden in [
             "yard.request.app",

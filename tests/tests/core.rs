@@ -660,3 +660,132 @@ async fn reading_back_a_builds_events_creates_no_consumer() {
         created.ok().flatten().map(|m| m.subject)
     );
 }
+
+/// Every step end of a build, as stored: (step index, result, exit code), in stream order,
+/// whether a message of its own or carried by a later event of the build.
+async fn stored_step_ends(
+    bus: &services::Bus,
+    build_id: &str,
+) -> Vec<(u32, bus_schema::StepResult, Option<i32>)> {
+    let messages = bus
+        .read_all(
+            bus_schema::subjects::EVENTS_STREAM,
+            &bus_schema::subjects::events_of_build(build_id),
+        )
+        .await
+        .expect("read back");
+    let mut ends = Vec::new();
+    for message in messages {
+        let event: bus_schema::BuildEvent = bus_schema::decode(&message.payload).expect("an event");
+        let kinds = event.earlier.into_iter().map(|earlier| earlier.kind);
+        for kind in kinds.chain([event.kind]) {
+            if let bus_schema::BuildEventKind::StepFinished {
+                index,
+                result,
+                exit_code,
+                ..
+            } = kind
+            {
+                ends.push((index, result, exit_code));
+            }
+        }
+    }
+    ends
+}
+
+/// The agent hands each step's end to the engine that asked for the step, which stores it
+/// (with the build's next event) and says so: every step end is handed over, and stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_hand_step_ends_to_their_engine_which_stores_each_once() {
+    let cluster = Cluster::start(CONFIG, vec![linux_agent("a1")]).await;
+    let bus = services::Bus::connect(&cluster.config.nats, &cluster.config.engine, "test")
+        .await
+        .expect("connects");
+    // Listens beside the engine (its only one, `engine-1`) to what agents hand it.
+    let mut handed = bus
+        .client
+        .subscribe(bus_schema::subjects::engine_step_ends("engine-1"))
+        .await
+        .expect("subscribes");
+    let build = cluster.api.force("two-steps", json!({})).await;
+    let finished = cluster.api.wait_finished(&build, DEADLINE).await;
+    assert_eq!(finished["result"], "success", "{finished}");
+    let mut handed_steps = Vec::new();
+    while handed_steps.len() < 2 {
+        let message = tokio::time::timeout(DEADLINE, handed.next())
+            .await
+            .expect("step ends handed over in time")
+            .expect("subscription open");
+        let event: bus_schema::BuildEvent = bus_schema::decode(&message.payload).expect("a step end");
+        assert_eq!(event.build_id, build);
+        match event.kind {
+            bus_schema::BuildEventKind::StepFinished { index, .. } => handed_steps.push(index),
+            other => panic!("not a step end: {other:?}"),
+        }
+    }
+    handed_steps.sort_unstable();
+    assert_eq!(handed_steps, [0, 1]);
+    let success = bus_schema::StepResult::Success;
+    let mut ends = stored_step_ends(&bus, &build).await;
+    ends.sort_unstable_by_key(|end| end.0);
+    assert_eq!(ends, [(0, success, Some(0)), (1, success, Some(0))]);
+    cluster.stop().await;
+}
+
+/// A step end the named engine does not take (it drives no such build, or nothing answers
+/// there) is stored by the agent itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_end_no_engine_takes_is_stored_by_its_agent() {
+    let cluster = Cluster::start(CONFIG, vec![linux_agent("a1")]).await;
+    let bus = services::Bus::connect(&cluster.config.nats, &cluster.config.engine, "test")
+        .await
+        .expect("connects");
+    let cases = [
+        (
+            "01HDECLINEDDECLINEDDECLINED",
+            bus_schema::subjects::engine_step_ends("engine-1"),
+        ),
+        (
+            "01HNORESPONDERNORESPONDERNO",
+            bus_schema::subjects::engine_step_ends("engine-gone"),
+        ),
+    ];
+    for (build_id, report_to) in cases {
+        let assignment = bus_schema::StepAssignment {
+            toolkits: Vec::new(),
+            build_id: build_id.to_owned(),
+            builder: "two-steps".into(),
+            index: 0,
+            attempt: 0,
+            name: "exit".into(),
+            command: "exit 4".into(),
+            env: Default::default(),
+            timeout_ms: None,
+            masked: Vec::new(),
+            require_session: None,
+            release_after: true,
+            report_to: Some(report_to),
+        };
+        let command = bus_schema::AgentCommand::RunStep(Box::new(assignment));
+        let reply = bus
+            .client
+            .request(
+                bus_schema::subjects::agent_commands("a1"),
+                bus_schema::encode(&command).into(),
+            )
+            .await
+            .expect("the agent answers");
+        let reply: bus_schema::AgentReply = bus_schema::decode(&reply.payload).expect("a reply");
+        assert!(
+            matches!(reply, bus_schema::AgentReply::Accepted { .. }),
+            "{reply:?}"
+        );
+        let ends = wait_until(&format!("the step end of {build_id}"), DEADLINE, || async {
+            let ends = stored_step_ends(&bus, build_id).await;
+            (!ends.is_empty()).then_some(ends)
+        })
+        .await;
+        assert_eq!(ends, [(0, bus_schema::StepResult::Failure, Some(4))]);
+    }
+    cluster.stop().await;
+}

@@ -395,7 +395,7 @@ async fn a_quiet_stream_follower_restarts_without_skipping_or_repeating() {
                     message: None,
                 },
             );
-            bus.store_built_event(&event).await.expect("stored")
+            bus.store_built_event(&event).await.expect("stored").sequence
         }
     };
     let next = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, String)>| {
