@@ -149,7 +149,7 @@ async fn bad_bus_messages_are_parked_counted_and_survived() {
     let mut deployment = deployment(CONFIG);
     let api = start_roles(&mut deployment).await;
     let client = async_nats::connect(deployment.nats_url()).await.expect("NATS");
-    let jetstream = async_nats::jetstream::new(client);
+    let jetstream = async_nats::jetstream::new(client.clone());
     let agents = jetstream
         .get_key_value(subjects::AGENTS_BUCKET)
         .await
@@ -170,7 +170,20 @@ async fn bad_bus_messages_are_parked_counted_and_survived() {
     let event = subjects::event("01BADBADBADBADBADBADBADBAD", "finished");
     let heartbeat = subjects::kv_key(subjects::AGENTS_BUCKET, "a1");
     let change = subjects::change("bad-change-1");
+    let step_ends = subjects::engine_step_ends("engine-1");
     for payload in [&garbage, &oversized] {
+        // A step end handed to an engine is declined at once, with the reason: its sender
+        // stores it itself.
+        let answer = client
+            .request(step_ends.clone(), payload.clone())
+            .await
+            .expect("the engine answers");
+        match bus_schema::decode::<bus_schema::StepEndAnswer>(&answer.payload) {
+            Ok(bus_schema::StepEndAnswer::Declined { reason }) => {
+                assert!(reason.contains("undecodable step end"), "{reason}");
+            }
+            other => panic!("a bad step end was not declined: {other:?}"),
+        }
         for subject in [&request, &event, &change] {
             let ack = jetstream
                 .publish(subject.clone(), payload.clone())
@@ -188,6 +201,7 @@ async fn bad_bus_messages_are_parked_counted_and_survived() {
     let expected = [
         (&request, "engine"),
         (&heartbeat, "engine"),
+        (&step_ends, "engine"),
         (&heartbeat, "ui"),
         (&event, "ui"),
         (&change, "ui"),
@@ -235,7 +249,7 @@ async fn bad_bus_messages_are_parked_counted_and_survived() {
     })
     .await;
     assert!(ui.contains("# TYPE yard_dead_letters counter"), "{ui}");
-    for (id, role, count) in [("engine-1", "engine", 4), ("sched-1", "scheduler", 2)] {
+    for (id, role, count) in [("engine-1", "engine", 6), ("sched-1", "scheduler", 2)] {
         wait_until(&format!("{id}'s dead-letter count"), DEADLINE, || async {
             let metrics = master_metrics(&api, id).await;
             (dead_letter_count(&metrics, role) >= count).then_some(())
