@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::IntoFuture;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -131,6 +131,7 @@ pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
         holds: Mutex::new(HashMap::new()),
         properties: Mutex::new(properties),
         pending_acks: Mutex::new(Vec::new()),
+        lost_events: AtomicBool::new(false),
         unannounced_claim: Mutex::new(None),
         held: Arc::new(Mutex::new(Held::default())),
     };
@@ -294,6 +295,9 @@ struct BuildDriver {
     properties: Mutex<BTreeMap<String, String>>,
     /// Events published but not yet confirmed stored, kept to publish again on failure.
     pending_acks: Mutex<Vec<(BuildEvent, jetstream::context::PublishAckFuture)>>,
+    /// An event published (not waited for) could not be stored at all: the next
+    /// [`Self::flush_events`] says so.
+    lost_events: AtomicBool,
     /// The plan of a claim not yet announced: the `claimed` event names the master agent
     /// when that event would have, or why the build waits for one (one event fewer).
     unannounced_claim: Mutex<Option<Vec<PlannedStep>>>,
@@ -381,12 +385,13 @@ impl BuildDriver {
     /// sure it was. One that carries a step end an agent handed over is stored at once: the
     /// agent waits to hear so.
     async fn publish(&self, kind: BuildEventKind) {
-        match self.outgoing(kind) {
-            None => {}
-            Some((event, answer_to)) if answer_to.is_empty() => self.publish_now(event).await,
-            Some((event, answer_to)) => {
-                store_answering(&self.engine, event, answer_to).await;
-            }
+        let Some((event, answer_to)) = self.outgoing(kind) else {
+            return;
+        };
+        if answer_to.is_empty() {
+            self.publish_now(event).await;
+        } else if !store_answering(&self.engine, event, answer_to).await {
+            self.lost_events.store(true, Ordering::SeqCst);
         }
     }
 
@@ -433,7 +438,9 @@ impl BuildDriver {
                 .push((event, ack)),
             Err(error) => {
                 tracing::warn!(build = %self.id(), %error, "event not published; storing it again");
-                store_retrying(&self.engine, event).await;
+                if !store_retrying(&self.engine, event).await {
+                    self.lost_events.store(true, Ordering::SeqCst);
+                }
             }
         }
     }
@@ -448,7 +455,7 @@ impl BuildDriver {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
         );
-        let mut all_stored = true;
+        let mut all_stored = !self.lost_events.swap(false, Ordering::SeqCst);
         for (event, ack) in pending {
             if let Err(error) = ack.into_future().await {
                 tracing::warn!(build = %self.id(), %error, "event not stored; storing it again");
