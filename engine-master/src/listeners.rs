@@ -1,5 +1,5 @@
-//! The engine's followers of the bus: the agents bucket, the cancels bucket and the stream of
-//! step results.
+//! The engine's followers of the bus: the agents bucket, the cancels bucket, the stream of
+//! stored step results, and the step ends agents hand to this engine.
 
 use std::sync::Arc;
 
