@@ -362,6 +362,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
+            let cpu_before = bench::CpuTimes::now();
             let result = match args.scenario {
                 Scenario::Throughput { builds, agents } => {
                     bench::throughput(bench::GridOptions {
@@ -407,6 +408,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .await?
                 }
             };
+            let result = bench::with_cpu_steal(result, cpu_before);
             if args.json {
                 println!("{result}");
             } else {

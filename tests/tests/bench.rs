@@ -100,6 +100,9 @@ fn the_throughput_scenario_runs_every_build_on_simulated_agents() {
         (rate * seconds - 200.0).abs() < 2.0,
         "the rate is builds over seconds: {result}"
     );
+    // Every scenario says how much CPU time the host took from this machine during the run.
+    let steal = result["cpu_steal_percent"].as_f64().expect("cpu_steal_percent");
+    assert!((0.0..=100.0).contains(&steal), "{result}");
 }
 
 /// Asserts `{prefix}p50_ms <= {prefix}p99_ms <= {prefix}max_ms`, all above zero.

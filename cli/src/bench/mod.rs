@@ -74,6 +74,58 @@ impl Nats {
     }
 }
 
+/// The machine's CPU time counters from `/proc/stat`: on a virtual machine, `steal` is the
+/// time its CPUs waited while the host ran something else, which slows every figure of a run
+/// without anything in it being slower.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuTimes {
+    steal: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    /// The counters now; `None` where `/proc/stat` cannot be read (not Linux).
+    pub fn now() -> Option<CpuTimes> {
+        CpuTimes::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// The counters of the `cpu` line (all CPUs): user, nice, system, idle, iowait, irq,
+    /// softirq, steal, in clock ticks (guest time is counted in user already).
+    fn parse(stat: &str) -> Option<CpuTimes> {
+        let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        (ticks.len() == 8).then(|| CpuTimes {
+            steal: ticks[7],
+            total: ticks.iter().sum(),
+        })
+    }
+
+    /// Percent of the CPU time between `self` and `later` that was stolen.
+    fn steal_percent_until(self, later: CpuTimes) -> Option<f64> {
+        let total = later.total.checked_sub(self.total).filter(|total| *total > 0)?;
+        let steal = later.steal.checked_sub(self.steal)?;
+        Some(round(steal as f64 * 100.0 / total as f64))
+    }
+}
+
+/// Adds `cpu_steal_percent` to a bench result: the share of the run's CPU time the host took
+/// from this machine, when it can be read.
+pub fn with_cpu_steal(mut result: serde_json::Value, before: Option<CpuTimes>) -> serde_json::Value {
+    let steal = before
+        .zip(CpuTimes::now())
+        .and_then(|(before, after)| before.steal_percent_until(after));
+    if let (Some(fields), Some(steal)) = (result.as_object_mut(), steal) {
+        fields.insert("cpu_steal_percent".into(), steal.into());
+    }
+    result
+}
+
 fn round(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
@@ -117,4 +169,28 @@ pub fn summary(result: &serde_json::Value) -> String {
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CpuTimes;
+
+    #[test]
+    fn steal_is_the_share_of_all_cpu_time_between_two_readings() {
+        let before =
+            CpuTimes::parse("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n").expect("parses");
+        assert_eq!(
+            before,
+            CpuTimes {
+                steal: 35,
+                total: 1000
+            }
+        );
+        let after = CpuTimes::parse("cpu  300 0 100 1300 10 0 5 85 7 0\n").expect("parses");
+        // 800 ticks passed, 50 of them stolen.
+        assert_eq!(before.steal_percent_until(after), Some(6.25));
+        assert_eq!(after.steal_percent_until(after), None, "no time passed");
+        assert_eq!(CpuTimes::parse("cpu  1 2 3\n"), None, "too few counters");
+        assert_eq!(CpuTimes::parse("intr 1 2 3\n"), None, "no cpu line");
+    }
 }
