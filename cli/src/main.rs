@@ -362,6 +362,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
+            // The agents' fixed CPU workload, timed before the run: how fast one core of the
+            // machine was at the time, to compare runs of different hours.
+            let machine_score = tokio::task::spawn_blocking(agent::measure_benchmark).await?;
             let cpu_before = bench::CpuTimes::now();
             let result = match args.scenario {
                 Scenario::Throughput { builds, agents } => {
@@ -408,7 +411,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .await?
                 }
             };
-            let result = bench::with_cpu_steal(result, cpu_before);
+            let mut result = bench::with_cpu_steal(result, cpu_before);
+            if let Some(fields) = result.as_object_mut() {
+                fields.insert("machine_score".into(), machine_score.into());
+            }
             if args.json {
                 println!("{result}");
             } else {

@@ -103,6 +103,11 @@ fn the_throughput_scenario_runs_every_build_on_simulated_agents() {
     // Every scenario says how much CPU time the host took from this machine during the run.
     let steal = result["cpu_steal_percent"].as_f64().expect("cpu_steal_percent");
     assert!((0.0..=100.0).contains(&steal), "{result}");
+    // ...and how fast one of its cores was just before (the agents' speed score).
+    assert!(
+        result["machine_score"].as_u64().is_some_and(|score| score > 0),
+        "{result}"
+    );
 }
 
 /// Asserts `{prefix}p50_ms <= {prefix}p99_ms <= {prefix}max_ms`, all above zero.
