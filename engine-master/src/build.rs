@@ -134,6 +134,7 @@ pub(crate) async fn drive(engine: Arc<Engine>, message: jetstream::Message) {
         lost_events: AtomicBool::new(false),
         unannounced_claim: Mutex::new(None),
         held: Arc::new(Mutex::new(Held::default())),
+        storing: Arc::new(tokio::sync::Mutex::new(())),
     };
     // An adopted build continues from what its events say; if they cannot be read now (the
     // bus failing over), it must not start over as if new: leave it claimed but unfinished,
@@ -306,6 +307,10 @@ struct BuildDriver {
     /// once by the build's next event (a step's start, a wait, a skip); so, almost always, is
     /// a step's end its agent handed over.
     held: Arc<Mutex<Held>>,
+    /// Taken while held events are taken and sent: a step end stored on its own after
+    /// [`HANDED_OVER_HELD_FOR`] is stored before any later event of the build is sent, so
+    /// that no one sees the build finished while one of its steps still runs.
+    storing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What a build holds back for its next event.
@@ -385,6 +390,7 @@ impl BuildDriver {
     /// sure it was. One that carries a step end an agent handed over is stored at once: the
     /// agent waits to hear so.
     async fn publish(&self, kind: BuildEventKind) {
+        let _storing = self.storing.lock().await;
         let Some((event, answer_to)) = self.outgoing(kind) else {
             return;
         };
@@ -408,9 +414,11 @@ impl BuildDriver {
         }
         let engine = Arc::clone(&self.engine);
         let held = Arc::clone(&self.held);
+        let storing = Arc::clone(&self.storing);
         let build_id = self.id().to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(HANDED_OVER_HELD_FOR).await;
+            let _storing = storing.lock().await;
             let (mut events, answer_to) = {
                 let mut held = lock(&held);
                 if held.answer_to.is_empty() {
@@ -468,6 +476,7 @@ impl BuildDriver {
     /// Stores an event (with what was held back for it), retrying with backoff while the bus
     /// refuses it; false if it gave up.
     async fn store_with_retries(&self, kind: BuildEventKind) -> bool {
+        let _storing = self.storing.lock().await;
         match self.outgoing(kind) {
             None => true,
             Some((event, answer_to)) => store_answering(&self.engine, event, answer_to).await,
