@@ -140,12 +140,29 @@ async fn a_ui_master_restarts_from_a_snapshot_and_replays_only_the_rest() {
     };
     let expected = listed(second.clone()).await;
     assert_eq!(expected.len(), 23);
-    wait_until(
-        "ui-3 to show what ui-2 shows",
-        Duration::from_secs(30),
-        || async { (listed(third.clone()).await == expected).then_some(()) },
-    )
+    let caught_up = tokio::time::timeout(Duration::from_secs(30), async {
+        while listed(third.clone()).await != expected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
     .await;
+    if caught_up.is_err() {
+        // Which builds differ, as ui-3 shows them, as ui-2 showed them, and as ui-2 shows
+        // them now (to tell a restored view that is behind from one that went wrong).
+        let shown = listed(third.clone()).await;
+        let now = listed(second.clone()).await;
+        let differing: Vec<_> = expected
+            .iter()
+            .zip(&shown)
+            .zip(&now)
+            .filter(|((before, shown), _)| before != shown)
+            .collect();
+        panic!(
+            "ui-3 does not show what ui-2 showed after 30 s ({} builds against {}): {differing:#?}",
+            shown.len(),
+            expected.len()
+        );
+    }
     let (_, text) = third.get_text("/metrics").await;
     let restored =
         services::metrics::sample(&text, "yard_ui_view_restored_builds").expect("restored builds metric");
