@@ -34,7 +34,7 @@ const LINE_OVERHEAD_BYTES: usize = 8;
 /// Log chunks of one step published and not yet confirmed stored, at most.
 const MAX_CHUNKS_IN_FLIGHT: usize = 256;
 /// How long the engine has to confirm it stored a step's end handed to it; after that the
-/// agent stores it itself (the engine holds it for at most a few milliseconds).
+/// agent stores it itself (the engine holds it back for at most 50 ms, then stores it).
 const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Outcome {
@@ -459,8 +459,6 @@ async fn chunk_stored(ack: Option<async_nats::jetstream::context::PublishAckFutu
     }
 }
 
-/// Stores a step event, retrying with backoff (about a minute and a half in all) through a
-/// NATS node failing over; false if JetStream never took it.
 /// Hands a step's end to the engine at `subject` and waits for it to say it stored it.
 async fn hand_over(agent: &Agent, subject: &str, event: &BuildEvent) -> Result<(), String> {
     let payload = Bytes::from(bus_schema::encode(event));
@@ -478,6 +476,8 @@ async fn hand_over(agent: &Agent, subject: &str, event: &BuildEvent) -> Result<(
     }
 }
 
+/// Stores a step event, retrying with backoff (about a minute and a half in all) through a
+/// NATS node failing over; false if JetStream never took it.
 async fn store_until_stored(
     agent: &Agent,
     build_id: &str,
