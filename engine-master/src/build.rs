@@ -335,18 +335,14 @@ impl BuildDriver {
     }
 
     fn holds(&self) -> std::sync::MutexGuard<'_, HashMap<String, Hold>> {
-        self.holds.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.holds)
     }
 
     /// The message to store for `kind` now, and the agents to answer once it is stored: none
     /// when it is held back for the build's next event; else `kind` carrying the held events.
     fn outgoing(&self, kind: BuildEventKind) -> Option<(BuildEvent, Vec<async_nats::Subject>)> {
         let at = now();
-        let claim = self
-            .unannounced_claim
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
+        let claim = lock(&self.unannounced_claim).take();
         let mut held = lock(&self.held);
         let kind = match claim {
             None => kind,
@@ -439,11 +435,7 @@ impl BuildDriver {
 
     async fn publish_now(&self, event: BuildEvent) {
         match self.engine.bus.publish_built_event(&event).await {
-            Ok(ack) => self
-                .pending_acks
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .push((event, ack)),
+            Ok(ack) => lock(&self.pending_acks).push((event, ack)),
             Err(error) => {
                 tracing::warn!(build = %self.id(), %error, "event not published; storing it again");
                 if !store_retrying(&self.engine, event).await {
@@ -457,12 +449,7 @@ impl BuildDriver {
     /// fold is order-tolerant, so an event stored late still lands right. False if one could
     /// not be stored at all.
     async fn flush_events(&self) -> bool {
-        let pending = std::mem::take(
-            &mut *self
-                .pending_acks
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
+        let pending = std::mem::take(&mut *lock(&self.pending_acks));
         let mut all_stored = !self.lost_events.swap(false, Ordering::SeqCst);
         for (event, ack) in pending {
             if let Err(error) = ack.into_future().await {
@@ -507,10 +494,7 @@ impl BuildDriver {
         let engine = Arc::clone(&self.engine);
         if let Some(record) = &prior {
             // Properties set by steps before an adoption (acquired servers) still hold.
-            self.properties
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .extend(record.properties.clone());
+            lock(&self.properties).extend(record.properties.clone());
         }
         if let Some(record) = prior.as_ref().filter(|record| record.result.is_some()) {
             // Its engine stored the end but died before letting go of the agents.
@@ -537,10 +521,7 @@ impl BuildDriver {
         };
         let flat = builder.flat_steps();
         // Announced with the build's first event: the master agent, when one is free.
-        *self
-            .unannounced_claim
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(plan(&flat));
+        *lock(&self.unannounced_claim) = Some(plan(&flat));
         self.attempt
             .store(prior.as_ref().map_or(0, BuildRecord::attempt), Ordering::SeqCst);
         loop {
@@ -830,10 +811,7 @@ impl BuildDriver {
     }
 
     fn properties_now(&self) -> BTreeMap<String, String> {
-        self.properties
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        lock(&self.properties).clone()
     }
 
     /// Acquires or releases a pool server; the engine does this itself, on no agent.
@@ -897,10 +875,7 @@ impl BuildDriver {
                 }
                 Err(error) => return NodeEnd::Done(exception(format!("pool {}: {error}", acquire.role))),
             };
-            self.properties
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .insert(acquire.property.clone(), server.clone());
+            lock(&self.properties).insert(acquire.property.clone(), server.clone());
             self.publish(BuildEventKind::StepStarted {
                 index,
                 attempt,

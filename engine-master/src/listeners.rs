@@ -117,8 +117,8 @@ pub(crate) async fn take_handed_over_step_ends(
             let Some(answer_to) = message.reply.clone() else {
                 continue;
             };
-            let event = match bus_schema::decode::<BuildEvent>(&message.payload) {
-                Ok(event) => event,
+            let taken = match bus_schema::decode::<BuildEvent>(&message.payload) {
+                Ok(event) => hand_to_driver(&engine, event, answer_to),
                 Err(error) => {
                     tokio::spawn(engine.bus.park_dead_letter(
                         crate::ROLE,
@@ -126,17 +126,12 @@ pub(crate) async fn take_handed_over_step_ends(
                         &message.payload,
                         &error,
                     ));
-                    let reason = format!("undecodable step end: {error}");
-                    answer_step_end(&engine.bus, answer_to, StepEndAnswer::Declined { reason }).await;
-                    continue;
+                    Err((answer_to, format!("undecodable step end: {error}")))
                 }
             };
-            let declined = match hand_to_driver(&engine, event, answer_to) {
-                Ok(()) => continue,
-                Err(declined) => declined,
-            };
-            let (answer_to, reason) = declined;
-            answer_step_end(&engine.bus, answer_to, StepEndAnswer::Declined { reason }).await;
+            if let Err((answer_to, reason)) = taken {
+                answer_step_end(&engine.bus, answer_to, StepEndAnswer::Declined { reason }).await;
+            }
         }
     });
     Ok(())
