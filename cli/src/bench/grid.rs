@@ -501,8 +501,22 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
             let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut stores = tokio::task::JoinSet::new();
+            let mut stored = HashMap::with_capacity(builds);
+            let mut failures = 0;
+            let mut record = |store: Result<Result<_, _>, _>| match store {
+                Ok(Ok((build_id, submitted, accepted))) => {
+                    stored.insert(build_id, (submitted, accepted));
+                }
+                _ => failures += 1,
+            };
             for number in 0..builds {
                 ticker.tick().await;
+                // Stores already answered are collected as the load goes on: each finished
+                // task kept to the end would hold its memory, and the load generator would
+                // take ever more fresh pages from the machine it measures.
+                while let Some(store) = stores.try_join_next() {
+                    record(store);
+                }
                 let (build_id, origin) = Origin::new(Some(&scheduler), number);
                 let bus = bus.clone();
                 stores.spawn(async move {
@@ -513,15 +527,8 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
                         .map(|()| (build_id, submitted, Instant::now()))
                 });
             }
-            let mut stored = HashMap::with_capacity(builds);
-            let mut failures = 0;
             while let Some(store) = stores.join_next().await {
-                match store {
-                    Ok(Ok((build_id, submitted, accepted))) => {
-                        stored.insert(build_id, (submitted, accepted));
-                    }
-                    _ => failures += 1,
-                }
+                record(store);
             }
             (stored, failures)
         })
