@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use bus_schema::{subjects, AgentRecord, BuildEvent, BuildEventKind, StepEndAnswer};
 use futures::StreamExt;
-use services::watch::{follow_bucket, follow_stream, BucketChange, StreamStart, QUIET_BUCKET_RESTART_AFTER};
+use services::watch::{
+    follow_bucket, follow_stream, BucketChange, StreamStart, FOLLOWER_CHECK_AFTER_SILENCE,
+    QUIET_BUCKET_RESTART_AFTER,
+};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +68,7 @@ pub(crate) fn spawn_step_results(engine: Arc<Engine>, stop: CancellationToken) -
         subjects::EVENTS_STREAM,
         Some(subjects::STEP_FINISHED_ALL),
         StreamStart::New,
+        FOLLOWER_CHECK_AFTER_SILENCE,
         stop,
         move |_, subject, payload| match bus_schema::decode::<BuildEvent>(payload) {
             Ok(event) => deliver(&engine, event),

@@ -134,24 +134,28 @@ pub enum StreamStart {
     After(u64),
 }
 
-/// How long a [`follow_stream`] follower may hear nothing before it replaces its consumer.
-/// An ordered consumer can stall without a word when a NATS node fails over (seen with the
-/// consumer's node killed in a cluster: no message, no error, for minutes); a new consumer
-/// resumes right after the last message applied, so a restart costs one consumer creation
-/// and skips nothing.
-pub const FOLLOWER_RESTART_AFTER_SILENCE: Duration = Duration::from_secs(10);
+/// How long a [`follow_stream`] follower may hear nothing before it asks the server about its
+/// consumer. An ordered consumer can stall without a word when a NATS node fails over (seen
+/// with the consumer's node killed in a cluster: no message, no error, for minutes). A
+/// consumer the server no longer has, or one holding messages it has not delivered, is
+/// replaced by a new one that resumes right after the last message applied, so nothing is
+/// skipped. A consumer that is merely quiet (its filter matches nothing new) is kept: a new
+/// filtered consumer makes the server scan every message stored since the last match, which on
+/// a busy stream stalls its writes.
+pub const FOLLOWER_CHECK_AFTER_SILENCE: Duration = Duration::from_secs(10);
 
 /// Spawns a task that follows `stream_name` (only `filter` subjects, when given) with an
 /// ordered consumer and calls `apply` with each message's stream sequence, subject and payload, until
 /// `stop` fires. When the consumer is interrupted (reconnects, leader changes), or has been
-/// silent for [`FOLLOWER_RESTART_AFTER_SILENCE`], it resumes right after the last message
-/// applied, so nothing is skipped. The returned receiver resolves once the follower is
-/// consuming.
+/// silent for `check_after_silence` and the server says it is gone or behind (see
+/// [`FOLLOWER_CHECK_AFTER_SILENCE`]), it resumes right after the last message applied, so
+/// nothing is skipped. The returned receiver resolves once the follower is consuming.
 pub fn follow_stream(
     bus: crate::Bus,
     stream_name: &'static str,
     filter: Option<&'static str>,
     start: StreamStart,
+    check_after_silence: Duration,
     stop: CancellationToken,
     mut apply: impl FnMut(u64, &str, &[u8]) + Send + 'static,
 ) -> oneshot::Receiver<()> {
@@ -219,9 +223,12 @@ pub fn follow_stream(
             loop {
                 let message = tokio::select! {
                     message = messages.next() => message,
-                    _ = tokio::time::sleep(FOLLOWER_RESTART_AFTER_SILENCE) => {
-                        tracing::debug!(stream = stream_name, "stream follower went quiet; restarting it");
-                        // Gone by itself once inactive, but a quiet follower restarts often.
+                    _ = tokio::time::sleep(check_after_silence) => {
+                        if consumer_caught_up(&stream, &consumer_name).await {
+                            continue;
+                        }
+                        tracing::debug!(stream = stream_name, "stream follower went quiet behind its stream; restarting it");
+                        // Gone by itself once inactive.
                         let stream = stream.clone();
                         let consumer_name = consumer_name.clone();
                         tokio::spawn(async move { stream.delete_consumer(&consumer_name).await });
@@ -248,6 +255,15 @@ pub fn follow_stream(
         }
     });
     ready_rx
+}
+
+/// Whether the server still has consumer `name` of `stream` with nothing left to deliver: a
+/// follower quiet because nothing new matches its filter, not one that stalled.
+async fn consumer_caught_up(stream: &async_nats::jetstream::stream::Stream, name: &str) -> bool {
+    match tokio::time::timeout(Duration::from_secs(5), stream.consumer_info(name)).await {
+        Ok(Ok(info)) => info.num_pending == 0,
+        _ => false,
+    }
 }
 
 /// A bucket's entries kept in memory by [`mirror_bucket`], by key.

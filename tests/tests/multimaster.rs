@@ -347,16 +347,25 @@ async fn bus_on(nats: &yard_tests::NatsServer, client_name: &str) -> services::B
         .expect("bus connects")
 }
 
-/// A stream follower (engines' step results, UI views) replaces a consumer that has been
-/// silent for a while, since an ordered consumer can stall without a word when a NATS node
-/// fails over. The replacement resumes right after the last message applied: a follower
-/// started at "new" delivers what was stored before its first restart, and nothing twice.
+/// A stream follower (engines' step results, UI views) keeps a consumer that is quiet only
+/// because its filter matches nothing new: a new filtered consumer would make the server scan
+/// every message stored since the last match. It replaces a consumer the server no longer has
+/// (an ordered consumer can stall without a word when a NATS node fails over), resuming right
+/// after the last message applied: nothing skipped, nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_quiet_stream_follower_restarts_without_skipping_or_repeating() {
+async fn a_quiet_stream_follower_keeps_a_sound_consumer_and_replaces_a_lost_one() {
     yard_tests::init_logging();
     let dir = tempfile::tempdir().unwrap();
     let nats = yard_tests::start_nats(dir.path());
     let bus = bus_on(&nats, "follower-test").await;
+    let mut consumer_checks = bus
+        .client
+        .subscribe(format!(
+            "$JS.API.CONSUMER.INFO.{}.>",
+            bus_schema::subjects::EVENTS_STREAM
+        ))
+        .await
+        .expect("subscribes to consumer info requests");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let stop = tokio_util::sync::CancellationToken::new();
     let ready = services::watch::follow_stream(
@@ -364,6 +373,7 @@ async fn a_quiet_stream_follower_restarts_without_skipping_or_repeating() {
         bus_schema::subjects::EVENTS_STREAM,
         Some(bus_schema::subjects::STEP_FINISHED_ALL),
         services::watch::StreamStart::New,
+        Duration::from_millis(300),
         stop.clone(),
         move |sequence, subject, _payload| {
             let _ = tx.send((sequence, subject.to_owned()));
@@ -381,48 +391,73 @@ async fn a_quiet_stream_follower_restarts_without_skipping_or_repeating() {
             .ok()?;
         Some(names.into_iter().collect::<BTreeSet<String>>())
     };
-    let store = |build: &'static str| {
+    let store = |build: &'static str, kind: bus_schema::BuildEventKind| {
         let bus = bus.clone();
         async move {
-            let event = bus_schema::BuildEvent::new(
-                build,
-                services::time::now(),
-                bus_schema::BuildEventKind::StepFinished {
-                    index: 0,
-                    attempt: 0,
-                    result: bus_schema::StepResult::Success,
-                    exit_code: Some(0),
-                    message: None,
-                },
-            );
+            let event = bus_schema::BuildEvent::new(build, services::time::now(), kind);
             bus.store_built_event(&event).await.expect("stored").sequence
         }
+    };
+    let step_finished = || bus_schema::BuildEventKind::StepFinished {
+        index: 0,
+        attempt: 0,
+        result: bus_schema::StepResult::Success,
+        exit_code: Some(0),
+        message: None,
     };
     let next = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, String)>| {
         let received = rx.try_recv().ok();
         async move { received }
     };
-    // Stored before the follower's first restart, with nothing delivered yet.
-    let first = store("01HFIRSTFIRSTFIRSTFIRSTFIR").await;
+    let first = store("01HFIRSTFIRSTFIRSTFIRSTFIR", step_finished()).await;
     let (sequence, subject) = wait_until("the first event", Duration::from_secs(30), || next(&mut rx)).await;
     assert_eq!(sequence, first, "{subject}");
-    // Quiet for long enough, the follower replaces its consumer with one of another name.
+    // Events the filter does not match: the follower hears nothing more, and its consumer has
+    // nothing to deliver.
+    for _ in 0..3 {
+        store(
+            "01HOTHEROTHEROTHEROTHEROTH",
+            bus_schema::BuildEventKind::StepStarted {
+                index: 0,
+                attempt: 0,
+                agent: "agent-1".into(),
+                agent_session: None,
+            },
+        )
+        .await;
+    }
     let before = wait_until("the follower's consumer", Duration::from_secs(30), consumers).await;
-    wait_until(
-        "the quiet follower to replace its consumer",
-        Duration::from_secs(60),
-        || async {
-            let now = consumers().await?;
-            (!now.is_empty() && now.is_disjoint(&before)).then_some(())
-        },
-    )
-    .await;
-    let second = store("01HSECONDSECONDSECONDSECON").await;
+    assert_eq!(before.len(), 1, "one consumer: {before:?}");
+    for check in 1..=3 {
+        tokio::time::timeout(Duration::from_secs(30), consumer_checks.next())
+            .await
+            .unwrap_or_else(|_| panic!("the quiet follower asks about its consumer (check {check})"))
+            .expect("subscription open");
+    }
+    assert_eq!(
+        consumers().await,
+        Some(before.clone()),
+        "a quiet follower whose consumer is caught up keeps it"
+    );
+    // The consumer lost on the server: the follower replaces it and misses nothing.
+    let stream = bus
+        .stream(bus_schema::subjects::EVENTS_STREAM)
+        .await
+        .expect("stream");
+    for name in &before {
+        stream.delete_consumer(name).await.expect("consumer deleted");
+    }
+    let second = store("01HSECONDSECONDSECONDSECON", step_finished()).await;
     let (sequence, subject) = wait_until("the second event", Duration::from_secs(60), || next(&mut rx)).await;
     assert_eq!(sequence, second, "the next event, not the first again: {subject}");
-    let third = store("01HTHIRDTHIRDTHIRDTHIRDTHI").await;
+    let third = store("01HTHIRDTHIRDTHIRDTHIRDTHI", step_finished()).await;
     let (sequence, _) = wait_until("the third event", Duration::from_secs(60), || next(&mut rx)).await;
     assert_eq!(sequence, third);
+    let after = consumers().await.expect("consumers listed");
+    assert!(
+        !after.is_empty() && after.is_disjoint(&before),
+        "the lost consumer was replaced: {before:?} then {after:?}"
+    );
     stop.cancel();
 }
 

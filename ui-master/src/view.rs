@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use bus_schema::{subjects, AgentRecord, BuildEvent, BuildEventKind, BuildRecord, Change, MasterRecord};
 use services::watch::{
-    decoded, follow_stream, mirror_bucket, raw, Mirror, StreamStart, QUIET_BUCKET_RESTART_AFTER,
+    decoded, follow_stream, mirror_bucket, raw, Mirror, StreamStart, FOLLOWER_CHECK_AFTER_SILENCE,
+    QUIET_BUCKET_RESTART_AFTER,
 };
 use services::Bus;
 use tokio::sync::watch;
@@ -235,6 +236,7 @@ impl View {
             subjects::EVENTS_STREAM,
             None,
             events_start,
+            FOLLOWER_CHECK_AFTER_SILENCE,
             stop.clone(),
             move |sequence, subject, payload| {
                 view.snapshot_stats
@@ -256,6 +258,7 @@ impl View {
             subjects::CHANGES_STREAM,
             None,
             changes_start,
+            FOLLOWER_CHECK_AFTER_SILENCE,
             stop,
             move |sequence, subject, payload| match bus_schema::decode::<Change>(payload) {
                 Ok(change) => {
