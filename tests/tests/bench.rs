@@ -135,6 +135,11 @@ fn the_latency_scenario_under_a_steady_rate_times_every_build() {
     assert_eq!(result["builds"], 100);
     assert_eq!(result["rate_per_s"], 100.0);
     assert_ordered_percentiles(&result, "");
+    let busy = result["cpu_busy_percent"].as_f64().expect("cpu_busy_percent");
+    assert!(
+        busy > 0.0 && busy <= 100.0,
+        "a share of the machine's CPU time: {result}"
+    );
 }
 
 #[test]

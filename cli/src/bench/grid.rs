@@ -425,15 +425,20 @@ pub async fn latency(options: GridOptions) -> anyhow::Result<serde_json::Value> 
     if let Some(fields) = result.as_object_mut() {
         fields.extend(quantiles("", latencies.accepted));
         fields.extend(quantiles("submit_", latencies.submitted));
+        if let Some(busy) = latencies.cpu_busy_percent {
+            fields.insert("cpu_busy_percent".into(), busy.into());
+        }
     }
     Ok(result)
 }
 
 /// Milliseconds to each build's step start, from its change or request acknowledged by
-/// JetStream, and from before it was sent.
+/// JetStream, and from before it was sent; under a steady rate, how busy the machine's CPUs
+/// were from the first change to the last step start.
 struct Dispatch {
     accepted: Vec<f64>,
     submitted: Vec<f64>,
+    cpu_busy_percent: Option<f64>,
 }
 
 fn millis_between(from: Instant, to: Instant) -> f64 {
@@ -454,6 +459,7 @@ async fn dispatch_one_at_a_time(grid: &Grid, from_changes: bool, builds: usize) 
     let mut latencies = Dispatch {
         accepted: Vec::with_capacity(builds),
         submitted: Vec::with_capacity(builds),
+        cpu_busy_percent: None,
     };
     for number in 0..builds {
         let (build_id, origin) = Origin::new(scheduler.as_ref(), number);
@@ -495,6 +501,7 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
     }
     let mut started_steps = grid.step_started.lock().await;
     let scheduler = bench_scheduler(&grid.nats.config)?;
+    let cpu_before = super::CpuTimes::now();
     let submitter = {
         let bus = grid.bus.clone();
         tokio::spawn(async move {
@@ -542,6 +549,9 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
             .with_context(|| format!("only {} of {builds} builds started", started.len()))?;
         started.entry(build_id).or_insert(at);
     }
+    let cpu_busy_percent = cpu_before
+        .zip(super::CpuTimes::now())
+        .and_then(|(before, after)| before.busy_percent_until(after));
     let (stored, failures) = submitter.await?;
     if failures > 0 {
         bail!("{failures} changes were not stored");
@@ -549,6 +559,7 @@ async fn dispatch_at_rate(grid: &Grid, builds: usize, rate: f64) -> anyhow::Resu
     let mut latencies = Dispatch {
         accepted: Vec::with_capacity(builds),
         submitted: Vec::with_capacity(builds),
+        cpu_busy_percent,
     };
     for (build_id, (submitted, accepted)) in stored {
         let at = *started

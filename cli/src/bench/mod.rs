@@ -76,10 +76,11 @@ impl Nats {
 
 /// The machine's CPU time counters from `/proc/stat`: on a virtual machine, `steal` is the
 /// time its CPUs waited while the host ran something else, which slows every figure of a run
-/// without anything in it being slower.
+/// without anything in it being slower; `idle` (with iowait) is the time no one needed them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CpuTimes {
     steal: u64,
+    idle: u64,
     total: u64,
 }
 
@@ -102,6 +103,7 @@ impl CpuTimes {
             .ok()?;
         (ticks.len() == 8).then(|| CpuTimes {
             steal: ticks[7],
+            idle: ticks[3] + ticks[4],
             total: ticks.iter().sum(),
         })
     }
@@ -111,6 +113,14 @@ impl CpuTimes {
         let total = later.total.checked_sub(self.total).filter(|total| *total > 0)?;
         let steal = later.steal.checked_sub(self.steal)?;
         Some(round(steal as f64 * 100.0 / total as f64))
+    }
+
+    /// Percent of the CPU time between `self` and `later` that was not idle: how loaded the
+    /// machine was (stolen time counts as busy, since this machine could not use it).
+    pub fn busy_percent_until(self, later: CpuTimes) -> Option<f64> {
+        let total = later.total.checked_sub(self.total).filter(|total| *total > 0)?;
+        let idle = later.idle.checked_sub(self.idle)?;
+        Some(round(total.saturating_sub(idle) as f64 * 100.0 / total as f64))
     }
 }
 
@@ -176,13 +186,14 @@ mod tests {
     use super::CpuTimes;
 
     #[test]
-    fn steal_is_the_share_of_all_cpu_time_between_two_readings() {
+    fn steal_and_busy_are_shares_of_all_cpu_time_between_two_readings() {
         let before =
             CpuTimes::parse("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n").expect("parses");
         assert_eq!(
             before,
             CpuTimes {
                 steal: 35,
+                idle: 810,
                 total: 1000
             }
         );
@@ -190,6 +201,9 @@ mod tests {
         // 800 ticks passed, 50 of them stolen.
         assert_eq!(before.steal_percent_until(after), Some(6.25));
         assert_eq!(after.steal_percent_until(after), None, "no time passed");
+        // 800 ticks passed, 500 of them idle.
+        assert_eq!(before.busy_percent_until(after), Some(37.5));
+        assert_eq!(after.busy_percent_until(after), None, "no time passed");
         assert_eq!(CpuTimes::parse("cpu  1 2 3\n"), None, "too few counters");
         assert_eq!(CpuTimes::parse("intr 1 2 3\n"), None, "no cpu line");
     }
