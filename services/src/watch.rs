@@ -137,9 +137,9 @@ pub enum StreamStart {
 /// How long a [`follow_stream`] follower may hear nothing before it asks the server about its
 /// consumer. An ordered consumer can stall without a word when a NATS node fails over (seen
 /// with the consumer's node killed in a cluster: no message, no error, for minutes). A
-/// consumer the server no longer has, or one holding messages it has not delivered, is
-/// replaced by a new one that resumes right after the last message applied, so nothing is
-/// skipped. A consumer that is merely quiet (its filter matches nothing new) is kept: a new
+/// consumer the server no longer has, one holding messages it has not delivered, or one that
+/// delivered messages the follower never received, is replaced by a new one that resumes
+/// right after the last message applied, so nothing is skipped. A consumer that is merely quiet (its filter matches nothing new) is kept: a new
 /// filtered consumer makes the server scan every message stored since the last match, which on
 /// a busy stream stalls its writes.
 pub const FOLLOWER_CHECK_AFTER_SILENCE: Duration = Duration::from_secs(10);
@@ -220,14 +220,16 @@ pub fn follow_stream(
             if let Some(ready) = ready.take() {
                 let _ = ready.send(());
             }
+            // The consumer sequence of the last message received from this consumer.
+            let mut received = 0;
             loop {
                 let message = tokio::select! {
                     message = messages.next() => message,
                     _ = tokio::time::sleep(check_after_silence) => {
-                        if consumer_caught_up(&stream, &consumer_name).await {
+                        if consumer_caught_up(&stream, &consumer_name, received).await {
                             continue;
                         }
-                        tracing::debug!(stream = stream_name, "stream follower went quiet behind its stream; restarting it");
+                        tracing::debug!(stream = stream_name, "stream follower's consumer is gone or behind; restarting it");
                         // Gone by itself once inactive.
                         let stream = stream.clone();
                         let consumer_name = consumer_name.clone();
@@ -238,10 +240,17 @@ pub fn follow_stream(
                 };
                 match message {
                     Some(Ok(message)) => {
-                        let sequence = message
+                        let sequences = message
                             .info()
-                            .map(|info| info.stream_sequence)
-                            .unwrap_or_else(|_| resume_after.map_or(0, |s| s + 1));
+                            .ok()
+                            .map(|info| (info.stream_sequence, info.consumer_sequence));
+                        let sequence = match sequences {
+                            Some((stream_sequence, consumer_sequence)) => {
+                                received = consumer_sequence;
+                                stream_sequence
+                            }
+                            None => resume_after.map_or(0, |s| s + 1),
+                        };
                         apply(sequence, &message.subject, &message.payload);
                         resume_after = Some(sequence);
                     }
@@ -257,11 +266,17 @@ pub fn follow_stream(
     ready_rx
 }
 
-/// Whether the server still has consumer `name` of `stream` with nothing left to deliver: a
-/// follower quiet because nothing new matches its filter, not one that stalled.
-async fn consumer_caught_up(stream: &async_nats::jetstream::stream::Stream, name: &str) -> bool {
+/// Whether the server still has consumer `name` of `stream`, with nothing left to deliver
+/// and nothing delivered after consumer sequence `received` (the last message the follower
+/// got): a follower quiet because nothing new matches its filter, not one that stalled on
+/// either side.
+async fn consumer_caught_up(
+    stream: &async_nats::jetstream::stream::Stream,
+    name: &str,
+    received: u64,
+) -> bool {
     match tokio::time::timeout(Duration::from_secs(5), stream.consumer_info(name)).await {
-        Ok(Ok(info)) => info.num_pending == 0,
+        Ok(Ok(info)) => info.num_pending == 0 && info.delivered.consumer_sequence <= received,
         _ => false,
     }
 }
