@@ -140,13 +140,11 @@ async fn a_ui_master_restarts_from_a_snapshot_and_replays_only_the_rest() {
     };
     let expected = listed(second.clone()).await;
     assert_eq!(expected.len(), 23);
-    let caught_up = tokio::time::timeout(Duration::from_secs(30), async {
-        while listed(third.clone()).await != expected {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let caught_up = yard_tests::poll_until(Duration::from_secs(30), || async {
+        (listed(third.clone()).await == expected).then_some(())
     })
     .await;
-    if caught_up.is_err() {
+    if caught_up.is_none() {
         // Which builds differ, as ui-3 shows them, as ui-2 showed them, and as ui-2 shows
         // them now (to tell a restored view that is behind from one that went wrong).
         let shown = listed(third.clone()).await;
